@@ -1,0 +1,3 @@
+"""haillm.flashattn: Tiled FlashAttention with recomputation (forward and backward), PyTorch and Triton."""
+
+__all__: list[str] = []

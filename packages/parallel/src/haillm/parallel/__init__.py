@@ -1,0 +1,3 @@
+"""haillm.parallel: Tensor and sequence parallel layers with GEMM/communication overlap."""
+
+__all__: list[str] = []

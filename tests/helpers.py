@@ -1,0 +1,75 @@
+"""Helpers shared by the test suite: one tolerance table, the low-precision rule, ranks.
+
+Tolerances (used by every package's tests; change them here, nowhere else):
+
+| dtype    | atol  | rtol  | used for                                                     |
+|----------|-------|-------|--------------------------------------------------------------|
+| float64  | 1e-9  | 1e-7  | optimized path vs reference, both in float64                 |
+| float32  | 1e-5  | 1e-5  | both in float32 (reductions reordered)                       |
+| float16  | 2e-3  | 2e-3  | direct comparison of half-precision outputs (rarely: prefer the rule) |
+| bfloat16 | 2e-2  | 2e-2  | likewise                                                     |
+
+For float16/bfloat16 the spec is the *low-precision rule*: the error of the kernel against
+the fp32 truth must be at most 2 x the error of the same-precision PyTorch path against the
+same truth (`assert_lowp_close`), plus a tiny absolute floor for outputs that are exact.
+"""
+
+from __future__ import annotations
+
+import torch
+
+from haillm.parallel.testing import RankFailure, free_port, run_distributed
+
+__all__ = [
+    "TOL",
+    "RankFailure",
+    "assert_close",
+    "assert_lowp_close",
+    "free_port",
+    "run_distributed",
+    "tol",
+]
+
+TOL: dict[torch.dtype, dict[str, float]] = {
+    torch.float64: dict(atol=1e-9, rtol=1e-7),
+    torch.float32: dict(atol=1e-5, rtol=1e-5),
+    torch.float16: dict(atol=2e-3, rtol=2e-3),
+    torch.bfloat16: dict(atol=2e-2, rtol=2e-2),
+}
+
+
+def tol(dtype: torch.dtype) -> dict[str, float]:
+    """`atol`/`rtol` for comparing two results computed in `dtype`."""
+    return TOL[dtype]
+
+
+def assert_close(actual: torch.Tensor, expected: torch.Tensor, *, dtype=None, msg: str = "") -> None:
+    """`torch.testing.assert_close` with the table's tolerance for `dtype` (default: expected's)."""
+    t = tol(dtype or expected.dtype)
+    torch.testing.assert_close(
+        actual.to(expected.dtype), expected, atol=t["atol"], rtol=t["rtol"],
+        msg=(lambda m: f"{msg}\n{m}") if msg else None,
+    )
+
+
+def assert_lowp_close(
+    kernel: torch.Tensor,
+    torch_lowp: torch.Tensor,
+    truth: torch.Tensor,
+    *,
+    factor: float = 2.0,
+    floor: float = 1e-6,
+    name: str = "output",
+) -> None:
+    """The low-precision rule: max|kernel - truth| <= factor * max|torch_lowp - truth| + floor.
+
+    `truth` is the same computation in fp32 (or fp64) from the same (rounded) inputs;
+    `torch_lowp` is plain PyTorch run in the kernel's precision.
+    """
+    truth = truth.double()
+    err_k = (kernel.double() - truth).abs().max().item()
+    err_t = (torch_lowp.double() - truth).abs().max().item()
+    assert err_k <= factor * err_t + floor, (
+        f"{name}: kernel error {err_k:.3e} > {factor} x PyTorch {torch_lowp.dtype} error "
+        f"{err_t:.3e} (+{floor:g}), both against fp32"
+    )
