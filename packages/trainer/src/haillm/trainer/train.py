@@ -188,7 +188,7 @@ def train(cfg: Config, *, stream=None) -> dict:
 
     summary = {"losses": losses, "val_losses": val_losses, "sample": None,
                "state_bytes": opt.state_bytes()}
-    model = _gather_model(stage, grid, cfg) if (cfg.run.sample_tokens or is_rank0) else None
+    model = _gather_model(stage, grid, cfg)  # collective: every rank takes part
     if is_rank0 and model is not None:
         try:
             from safetensors.torch import save_file
