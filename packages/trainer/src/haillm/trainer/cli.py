@@ -87,6 +87,8 @@ def train_main(argv: list[str] | None = None) -> int:
             return 0
         nproc = args.nproc or 1
         cfg.validate(nproc)
+        if cfg.run.resume:
+            raise NotImplementedError("--resume: checkpoints are not implemented yet (issue 10)")
         # tokenise once here, so that the ranks only read the cache (and a bad corpus path
         # fails before any rank starts)
         from haillm.trainer.data import build_dataset

@@ -339,7 +339,7 @@ def _apply(cfg: Config, section: str, key: str, value: Any, *, source: str) -> N
                           f"{_closest(section, list(sections))}; sections: {', '.join(sections)}")
     if key not in sections[section]:
         raise ConfigError(f"{source}: unknown key {section}.{key}"
-                          f"{_closest(key, list(sections[section]))}")
+                          f"{_closest(f'{section}.{key}', [f'{section}.{k}' for k in sections[section]])}")
     f = sections[section][key]
     setattr(getattr(cfg, section), key, _coerce(value, f.type, f"{source} {section}.{key}"))
 

@@ -52,6 +52,7 @@ class Grid:
     dp_group: object = None
     tp_group: object = None
     pp_group: object = None
+    source: str = "trainer Grid"
     _groups: dict = field(default_factory=dict, repr=False)
 
     @property
@@ -89,6 +90,16 @@ class Grid:
         if dp * tp * pp != world:
             raise ValueError(f"dp*tp*pp = {dp}*{tp}*{pp} = {dp * tp * pp} != world size {world}")
         g = cls(dp=dp, tp=tp, pp=pp, rank=rank, world=world)
+        try:  # the package's grid (same Megatron order) when installed
+            from haillm.parallel import ParallelDims
+        except ImportError:
+            ParallelDims = None
+        if ParallelDims is not None:
+            dims = ParallelDims(dp=dp, tp=tp, pp=pp).build()
+            assert (dims.dp_rank, dims.tp_rank, dims.pp_rank) == (g.dp_rank, g.tp_rank, g.pp_rank)
+            g.dp_group, g.tp_group, g.pp_group = dims.dp_group, dims.tp_group, dims.pp_group
+            g.source = "haillm.parallel.ParallelDims"
+            return g
 
         def coord(r):
             return r // (tp * dp), (r // tp) % dp, r % tp  # (pp, dp, tp)

@@ -138,7 +138,7 @@ def train(cfg: Config, *, stream=None) -> dict:
         say(f"haillm-train: {m.n_params() / 1e6:.2f}M params | layout dp={p.dp} tp={p.tp} "
             f"pp={p.pp} (world {grid.world}) | {p.microbatches} micro-batches of {mbs} x "
             f"{m.seq_len} tokens | {t.precision} | {ds.n_train} train / {ds.n_val} val windows")
-        wiring = {**ops.wiring, "pipeline schedule": sched_src,
+        wiring = {"rank grid": grid.source, **ops.wiring, "pipeline schedule": sched_src,
                   "sequence parallel": "on" if (p.sequence_parallel and p.tp > 1) else "off",
                   "optimizer": ("ZeRO-1 sharded AdamW (trainer)" if p.zero else
                                 "data-parallel AdamW (trainer)") + ", fp32 master + main grads",
