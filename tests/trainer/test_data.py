@@ -30,10 +30,12 @@ def test_sampler_is_deterministic_sharded_and_resumable():
 def test_packing_windows_and_split():
     tokens = np.arange(101, dtype=np.uint16)
     ds = PackedDataset(tokens, seq_len=10, val_fraction=0.2)
-    assert (ds.n_train, ds.n_val) == (8, 2)
-    x, y = ds.batch([0, 9])
-    assert x.shape == (2, 10) and (y[:, :-1] == x[:, 1:]).all() and x[1, 0] == 90
-    assert ds.val_indices(3) == [8, 9, 8]
+    assert (ds.n_train, ds.n_val) == (8, 2)  # windows 4 and 9 held out (every 5th)
+    x, y = ds.batch([0, 7])
+    assert x.shape == (2, 10) and (y[:, :-1] == x[:, 1:]).all() and x[1, 0] == 80
+    assert ds.val_indices(3) == [0, 1, 0]
+    xv, _ = ds.val_batch([0, 1])
+    assert xv[:, 0].tolist() == [40, 90]
     with pytest.raises(ConfigError, match="too small"):
         PackedDataset(tokens[:5], seq_len=10)
 

@@ -277,7 +277,7 @@ PRESETS: dict[str, dict[str, dict[str, Any]]] = {
         "model": dict(vocab_size=4096, hidden_size=128, n_layers=4, n_heads=4, n_kv_heads=2,
                       intermediate_size=344, seq_len=128),
         "data": dict(max_corpus_mb=4.0),
-        "train": dict(steps=200, global_batch=16, lr=3e-3, warmup_steps=20),
+        "train": dict(steps=200, global_batch=32, lr=3e-3, warmup_steps=20),
     },
     "small": {  # a small GPU model (~125M parameters)
         "model": dict(vocab_size=32000, hidden_size=768, n_layers=12, n_heads=12, n_kv_heads=12,

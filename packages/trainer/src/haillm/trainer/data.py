@@ -40,7 +40,10 @@ def _stdlib_files() -> list[Path]:
     for p in sorted(root.rglob("*.py")):
         rel = p.relative_to(root).parts
         # tests and site-packages are not "the standard library" we want to learn from
-        if "site-packages" in rel or "test" in rel or "tests" in rel or "idlelib" in rel:
+        # tests, vendored packages and generated tables (codec maps, pydoc topics) are not
+        # the code we want the model to learn from
+        if set(rel) & {"site-packages", "test", "tests", "idlelib", "encodings", "pydoc_data",
+                       "lib2to3", "ensurepip", "__pycache__"}:
             continue
         files.append(p)
     if not files:
@@ -123,27 +126,38 @@ class PackedDataset:
     def __init__(self, tokens: np.ndarray, seq_len: int, val_fraction: float = 0.0):
         self.tokens, self.seq_len = tokens, seq_len
         n = (len(tokens) - 1) // seq_len
-        n_val = int(n * val_fraction) if val_fraction > 0 else 0
-        if n - n_val < 1:
+        windows = np.arange(n)
+        if val_fraction > 0 and n >= 2:
+            # every k-th window is held out: the split samples the whole corpus (a tail split
+            # would hold out whatever files sort last, e.g. only encoding tables)
+            k = max(2, round(1 / val_fraction))
+            held = windows % k == k - 1
+            self.train_ids, self.val_ids = windows[~held], windows[held]
+        else:
+            self.train_ids, self.val_ids = windows, windows[:0]
+        if len(self.train_ids) < 1:
             raise ConfigError(f"corpus of {len(tokens)} tokens is too small for one sequence of "
                               f"{seq_len} tokens; raise data.max_corpus_mb or lower model.seq_len")
-        self.n_train, self.n_val = n - n_val, max(n_val, 0)
+        self.n_train, self.n_val = len(self.train_ids), len(self.val_ids)
 
     def window(self, index: int) -> torch.Tensor:
-        """Window `index` as an int64 tensor of shape (seq_len + 1,)."""
+        """Window `index` of the whole stream as an int64 tensor of shape (seq_len + 1,)."""
         s = index * self.seq_len
         return torch.from_numpy(np.asarray(self.tokens[s:s + self.seq_len + 1], dtype=np.int64))
 
-    def batch(self, indices) -> tuple[torch.Tensor, torch.Tensor]:
-        """Inputs and targets, both (len(indices), seq_len) int64."""
-        w = torch.stack([self.window(int(i)) for i in indices])  # (B, S + 1)
+    def batch(self, indices, *, split: str = "train") -> tuple[torch.Tensor, torch.Tensor]:
+        """Inputs and targets, both (len(indices), seq_len) int64; indices count within `split`."""
+        ids = self.train_ids if split == "train" else self.val_ids
+        w = torch.stack([self.window(int(ids[i])) for i in indices])  # (B, S + 1)
         return w[:, :-1].contiguous(), w[:, 1:].contiguous()
 
+    def val_batch(self, indices) -> tuple[torch.Tensor, torch.Tensor]:
+        """Held-out inputs and targets (the training windows when nothing is held out)."""
+        return self.batch(indices, split="val" if self.n_val else "train")
+
     def val_indices(self, count: int) -> list[int]:
-        """The first `count` held-out windows (repeated if there are fewer)."""
-        if self.n_val == 0:
-            return [i % self.n_train for i in range(count)]  # no split: reuse training windows
-        return [self.n_train + (i % self.n_val) for i in range(count)]
+        """`count` indices into the held-out split (repeated if there are fewer)."""
+        return [i % (self.n_val or self.n_train) for i in range(count)]
 
 
 @dataclass

@@ -51,7 +51,7 @@ def evaluate(stage: StageModel, ds, grid: Grid, cfg: Config, *, act_shape, dtype
     mine = idx[grid.dp_rank * per_rank:(grid.dp_rank + 1) * per_rank]
     total, n = 0.0, 0
     for j in range(0, len(mine), mbs):
-        x, y = ds.batch(mine[j:j + mbs])
+        x, y = ds.val_batch(mine[j:j + mbs])
         h = x if grid.is_first_stage else _recv(act_shape, dtype, grid.stage_peer(-1))
         out = stage(h, y if grid.is_last_stage else None)
         if grid.is_last_stage:
