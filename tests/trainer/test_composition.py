@@ -20,14 +20,14 @@ from tests.helpers import run_distributed
 STEPS = 3
 
 
-def _cfg_dict(corpus: str, out: str, dp=1, tp=1, pp=1, sp=True) -> dict:
+def _cfg_dict(corpus: str, out: str, dp=1, tp=1, pp=1, sp=True, zero_impl="auto") -> dict:
     cfg = load_config("micro", overrides=[
         f"data.corpus={corpus}", "data.val_fraction=0", f"run.out={out}",
         f"train.steps={STEPS}", "train.precision=fp32", "train.eval_every=0",
         "train.warmup_steps=1", "train.grad_clip=0.5", "run.sample_tokens=0",
         "run.tensorboard=false", "parallel.microbatches=4", "parallel.attention=tiled",
         f"parallel.dp={dp}", f"parallel.tp={tp}", f"parallel.pp={pp}",
-        f"parallel.sequence_parallel={sp}",
+        f"parallel.sequence_parallel={sp}", f"parallel.zero_impl={zero_impl}",
     ])
     return cfg.to_dict()
 
@@ -91,11 +91,15 @@ def test_layouts_match_plain_pytorch(corpus, tmp_path):
     from haillm.trainer import Config
 
     single = apply_dict(Config(), _cfg_dict(corpus, str(tmp_path / "111")), source="test")
-    got = {(1, 1, 1, False): train(single)["losses"]}  # one process, no torch.distributed
-    layouts = {2: [(2, 1, 1, False), (1, 2, 1, True), (1, 1, 2, False)], 8: [(2, 2, 2, True)]}
+    got = {(1, 1, 1, False, "auto"): train(single)["losses"]}  # one process, no torch.distributed
+    # zero_impl: "auto" composes haillm.zero when installed; "trainer" keeps the trainer's own
+    # ZeRO-1 (the fallback) under test too
+    layouts = {2: [(2, 1, 1, False, "auto"), (1, 2, 1, True, "auto"), (1, 1, 2, False, "auto"),
+                   (2, 1, 1, False, "trainer")],
+               8: [(2, 2, 2, True, "auto")]}
     for world, lays in layouts.items():
-        cfgs = [_cfg_dict(corpus, str(tmp_path / f"{dp}{tp}{pp}"), dp, tp, pp, sp)
-                for dp, tp, pp, sp in lays]
+        cfgs = [_cfg_dict(corpus, str(tmp_path / f"{dp}{tp}{pp}{z}"), dp, tp, pp, sp, z)
+                for dp, tp, pp, sp, z in lays]
         # fork: the ranks start in a second instead of re-importing torch (2-core CI budget)
         res = run_distributed(_run_layouts, world, cfgs, timeout=300, start_method="fork")[0]
         got.update({lay: losses for lay, losses in zip(lays, res)})

@@ -159,6 +159,8 @@ class ParallelConfig:
     """Shard norms/residuals along the sequence inside the TP group (no-op at tp = 1)."""
     zero: bool = True
     """ZeRO-1: shard fp32 master weights and Adam states over DP (else replicate them)."""
+    zero_impl: str = "auto"
+    """`auto` (`haillm.zero` when installed, else the trainer's own ZeRO-1), `package`, `trainer`."""
     overlap_grad_reduce: bool = True
     """Start the gradient reduce-scatter from the last micro-batch's backward."""
     attention: str = "auto"

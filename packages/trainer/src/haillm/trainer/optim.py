@@ -28,7 +28,7 @@ import torch.distributed as dist
 from haillm.trainer.config import TrainConfig
 from haillm.trainer.grid import Grid, all_gather_into, reduce_scatter_into
 
-__all__ = ["LossScaler", "ShardedOptimizer", "lr_at"]
+__all__ = ["LossScaler", "ShardedOptimizer", "ZeroPackageOptimizer", "lr_at", "make_optimizer"]
 
 
 def lr_at(step: int, cfg: TrainConfig) -> float:
@@ -251,3 +251,95 @@ class ShardedOptimizer:
         """Bytes of fp32 master weights and Adam moments held by this rank (12 per element)."""
         return sum(4 * (m.numel() + a.numel() + s.numel())
                    for m, a, s in zip(self.master, self.exp_avg, self.exp_avg_sq))
+
+
+class ZeroPackageOptimizer:
+    """The same interface as `ShardedOptimizer`, on `haillm.zero` (ZeroDataParallel + Zero1AdamW).
+
+    What the trainer adds around the package: the sequence-parallel all-reduce of the norm
+    weights' gradients over TP (each TP rank saw only its part of the sequence), the norm
+    counted once per TP group, TP/PP groups in the global gradient norm, and the switch that
+    the pipeline's last-backward hook flips.
+    """
+
+    def __init__(self, model: torch.nn.Module, cfg: TrainConfig, grid: Grid, *,
+                 overlap: bool = True, bucket_mb: float = 4.0, sequence_parallel: bool = False,
+                 precision: str = "bf16"):
+        from haillm.zero import Zero1AdamW, ZeroDataParallel, weight_decay_groups
+
+        self.cfg, self.grid = cfg, grid
+        self.sp = sequence_parallel and grid.tp > 1
+        self.zdp = ZeroDataParallel(model, dp_group=grid.dp_group, bucket_mb=bucket_mb,
+                                    overlap=overlap)
+        self.replicated = [n for n, p in model.named_parameters() if getattr(p, "tp_replicated",
+                                                                             False)]
+        rep = set(self.replicated)
+        extra = [g for g, n in ((grid.tp_group, grid.tp), (grid.pp_group, grid.pp)) if n > 1]
+        self.opt = Zero1AdamW(
+            self.zdp, lr=cfg.lr, betas=(cfg.beta1, cfg.beta2), eps=cfg.eps,
+            weight_decay=cfg.weight_decay, precision=precision,
+            param_groups=weight_decay_groups(model, cfg.weight_decay,
+                                             no_decay=lambda n, p: n in rep),
+            max_grad_norm=cfg.grad_clip if cfg.grad_clip > 0 else None,
+            model_parallel_groups=extra,
+            count_in_norm=lambda n, p: not (n in rep and grid.tp_rank != 0))
+        self.zdp.set_grad_sync(False)
+        self.comm_time = 0.0
+
+    @property
+    def loss_scale(self) -> float:
+        return self.opt.loss_scale
+
+    def start_last_microbatch(self) -> None:
+        self.zdp.set_grad_sync(True)
+
+    @torch.no_grad()
+    def step(self, lr: float, *, inv_scale: float = 1.0) -> tuple[float, bool]:
+        import time
+
+        t0 = time.perf_counter()
+        self.zdp.finish_grad_sync()
+        if self.sp:
+            for name in self.replicated:
+                dist.all_reduce(self.zdp.main_grad_of(name), group=self.grid.tp_group)
+        self.comm_time += time.perf_counter() - t0
+        for g in self.opt.param_groups:
+            g["lr"] = lr
+        res = self.opt.step()
+        self.opt.zero_grad()
+        self.zdp.set_grad_sync(False)
+        return res.grad_norm, res.skipped
+
+    def state_bytes(self) -> int:
+        return 4 * (self.opt.master.numel() + self.opt.exp_avg.numel()
+                    + self.opt.exp_avg_sq.numel())
+
+
+def make_optimizer(model, cfg: TrainConfig, grid: Grid, *, zero: bool, overlap: bool,
+                   sequence_parallel: bool, impl: str = "auto"):
+    """`haillm.zero` when installed and ZeRO is on (impl auto/package), else the trainer's own.
+
+    Returns (optimizer, description).
+    """
+    if zero and impl in ("auto", "package"):
+        try:
+            import haillm.zero as hz
+
+            ok = hasattr(hz, "Zero1AdamW") and hasattr(hz, "ZeroDataParallel")
+        except ImportError:
+            ok = False
+        if ok:
+            return (ZeroPackageOptimizer(model, cfg, grid, overlap=overlap,
+                                         sequence_parallel=sequence_parallel,
+                                         precision=cfg.precision),
+                    "haillm.zero ZeroDataParallel + Zero1AdamW (ZeRO-1, fp32 main grads)")
+        if impl == "package":
+            raise ImportError("parallel.zero_impl=package but haillm.zero has no Zero1AdamW")
+        import warnings
+
+        warnings.warn("haillm.zero.Zero1AdamW is not available; the trainer uses its own "
+                      "ZeRO-1 optimizer", stacklevel=2)
+    desc = ("trainer ZeRO-1 sharded AdamW" if zero else "trainer data-parallel AdamW") + \
+        ", fp32 master + main grads"
+    return ShardedOptimizer(model, cfg, grid, zero=zero, overlap=overlap,
+                            sequence_parallel=sequence_parallel), desc

@@ -25,7 +25,7 @@ from haillm.trainer.grid import Grid
 from haillm.trainer.metrics import MetricsLogger, device_peak_flops, flops_per_token
 from haillm.trainer.model import StageModel, gather_full_state, split_layers
 from haillm.trainer.ops import Ops
-from haillm.trainer.optim import LossScaler, ShardedOptimizer, lr_at
+from haillm.trainer.optim import LossScaler, ShardedOptimizer, lr_at, make_optimizer
 from haillm.trainer.pipeline_exec import StepTimes, make_schedule, run_step
 from haillm.trainer.reference import DeepSeekLM
 
@@ -119,9 +119,10 @@ def train(cfg: Config, *, stream=None) -> dict:
                        last=grid.is_last_stage, sequence_parallel=p.sequence_parallel,
                        dtype=dtype, device=device)
     del ref
-    opt = ShardedOptimizer(stage, t, grid, zero=p.zero, overlap=p.overlap_grad_reduce,
-                           sequence_parallel=p.sequence_parallel)
-    scaler = LossScaler() if t.precision == "fp16" else None
+    opt, opt_src = make_optimizer(stage, t, grid, zero=p.zero, overlap=p.overlap_grad_reduce,
+                                  sequence_parallel=p.sequence_parallel, impl=p.zero_impl)
+    own_scaler = isinstance(opt, ShardedOptimizer) and t.precision == "fp16"
+    scaler = LossScaler() if own_scaler else None
     actions, sched_src = make_schedule(p.pipeline_schedule, p.pp, p.microbatches, grid.pp_rank)
     mbs = cfg.micro_batch_size
     s_local = m.seq_len // p.tp if (p.sequence_parallel and p.tp > 1) else m.seq_len
@@ -140,8 +141,7 @@ def train(cfg: Config, *, stream=None) -> dict:
             f"{m.seq_len} tokens | {t.precision} | {ds.n_train} train / {ds.n_val} val windows")
         wiring = {"rank grid": grid.source, **ops.wiring, "pipeline schedule": sched_src,
                   "sequence parallel": "on" if (p.sequence_parallel and p.tp > 1) else "off",
-                  "optimizer": ("ZeRO-1 sharded AdamW (trainer)" if p.zero else
-                                "data-parallel AdamW (trainer)") + ", fp32 master + main grads",
+                  "optimizer": opt_src,
                   "MFU peak": peak_src}
         for k, v in wiring.items():
             say(f"  {k:>28}: {v}")
@@ -159,7 +159,7 @@ def train(cfg: Config, *, stream=None) -> dict:
         xs = [b[0].to(device) for b in batches]
         ys = [b[1].to(device) for b in batches]
         lr = lr_at(step, t)
-        scale = scaler.scale if scaler else 1.0
+        scale = scaler.scale if scaler else getattr(opt, "loss_scale", 1.0)
         loss_sum = run_step(stage, actions, xs, ys, grid, act_shape=act_shape, act_dtype=dtype,
                             loss_scale=scale, on_last_backward=opt.start_last_microbatch,
                             times=times)
@@ -176,8 +176,8 @@ def train(cfg: Config, *, stream=None) -> dict:
                "step_time_s": dt, "comm_s": opt.comm_time + times.p2p,
                "compute_s": times.compute,
                "comm_fraction": (opt.comm_time + times.p2p) / dt, "skipped": bool(found_inf)}
-        if scaler:
-            rec["loss_scale"] = scaler.scale
+        if t.precision == "fp16":
+            rec["loss_scale"] = scaler.scale if scaler else opt.loss_scale
         if t.eval_every and ((step + 1) % t.eval_every == 0 or step + 1 == t.steps):
             v = evaluate(stage, ds, grid, cfg, act_shape=act_shape, dtype=dtype)
             rec["val_loss"] = v
