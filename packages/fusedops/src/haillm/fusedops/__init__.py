@@ -7,6 +7,8 @@ path (`impl="triton"`, used on CUDA with `impl="auto"`).
 # --- norms, AdamW, in-place cross-entropy (issue 4: haillm-fusedops) -------------------------
 from haillm.fusedops.adamw import adamw_step_
 from haillm.fusedops.adamw_reference import adamw_step_reference_
+from haillm.fusedops.cross_entropy import inplace_cross_entropy
+from haillm.fusedops.cross_entropy_reference import cross_entropy_reference
 from haillm.fusedops.optimizer import FusedAdamW
 
 # --- end of issue-4 imports -------------------------------------------------------------------
@@ -19,5 +21,7 @@ __all__ = [
     "FusedAdamW",
     "adamw_step_",
     "adamw_step_reference_",
+    "cross_entropy_reference",
+    "inplace_cross_entropy",
     # issue 5: fused GEMMs
 ]
