@@ -9,6 +9,8 @@ from haillm.fusedops.adamw import adamw_step_
 from haillm.fusedops.adamw_reference import adamw_step_reference_
 from haillm.fusedops.cross_entropy import inplace_cross_entropy
 from haillm.fusedops.cross_entropy_reference import cross_entropy_reference
+from haillm.fusedops.norm_reference import layer_norm_reference, rms_norm_reference
+from haillm.fusedops.norms import LayerNorm, RMSNorm, layer_norm, rms_norm
 from haillm.fusedops.optimizer import FusedAdamW
 
 # --- end of issue-4 imports -------------------------------------------------------------------
@@ -19,9 +21,15 @@ from haillm.fusedops.optimizer import FusedAdamW
 __all__ = [
     # issue 4: norms, AdamW, in-place cross-entropy
     "FusedAdamW",
+    "LayerNorm",
+    "RMSNorm",
     "adamw_step_",
     "adamw_step_reference_",
     "cross_entropy_reference",
     "inplace_cross_entropy",
+    "layer_norm",
+    "layer_norm_reference",
+    "rms_norm",
+    "rms_norm_reference",
     # issue 5: fused GEMMs
 ]
