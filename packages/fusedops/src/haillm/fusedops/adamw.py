@@ -66,8 +66,10 @@ def adamw_step_triton_(param, grad, exp_avg, exp_avg_sq, *, step, lr, beta1, bet
 
 
 @torch.no_grad()
-def adamw_step_(param, grad, exp_avg, exp_avg_sq, *, step, lr, beta1, beta2, eps, weight_decay,
-                param_copy=None, impl="auto") -> None:
+def adamw_step_(param: torch.Tensor, grad: torch.Tensor, exp_avg: torch.Tensor,
+                exp_avg_sq: torch.Tensor, *, step: int, lr: float, beta1: float, beta2: float,
+                eps: float, weight_decay: float, param_copy: torch.Tensor | None = None,
+                impl: str = "auto") -> None:
     """One AdamW step, in place, in one fused pass over flat buffers.
 
     Exactly `torch.optim.AdamW`'s maths (decoupled weight decay, bias correction):
@@ -80,13 +82,15 @@ def adamw_step_(param, grad, exp_avg, exp_avg_sq, *, step, lr, beta1, beta2, eps
         exp_avg: (N,) fp32 first moment, updated in place.
         exp_avg_sq: (N,) fp32 second moment, updated in place.
         step: the step number *after* this update (1 for the first step).
-        lr, beta1, beta2, eps, weight_decay: AdamW hyper-parameters.
+        lr: learning rate.
+        beta1: decay of the first moment.
+        beta2: decay of the second moment.
+        eps: added to the denominator.
+        weight_decay: decoupled weight decay coefficient.
         param_copy: optional (N,) bf16/fp16 buffer that receives the new parameters in the
             same pass (the ZeRO-1 low-precision working copy).
         impl: "auto" (Triton on CUDA, PyTorch on CPU), "triton", "torch"/"reference".
 
-    Returns:
-        None (all outputs are written in place).
     """
     _check(param, grad, exp_avg, exp_avg_sq, param_copy, step, lr, beta1, beta2, eps,
            weight_decay)

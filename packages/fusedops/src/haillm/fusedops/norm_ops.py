@@ -6,12 +6,17 @@ import torch
 
 from haillm.fusedops._dispatch import interpreting, next_pow2, num_programs_hint
 
+# Largest column block that stays in registers on sm_90 with 16 warps (checked with ptxas -v:
+# no spills). The backward holds ~2x more live row vectors (h, dy, w, dw, db, ...) than the
+# forward. Longer rows loop over column blocks.
+MAX_BLOCK_FWD = 16384
+MAX_BLOCK_BWD = 8192
 
-def _block(n: int, element_size: int, block_n: int | None) -> tuple[int, bool]:
+
+def _block(n: int, block_n: int | None, max_block: int) -> tuple[int, bool]:
     """Column block size and whether the whole row fits in it."""
     if block_n is None:
-        # 64 KB of a row per block on GPU (the rest loops); small blocks for the interpreter.
-        block_n = 4096 if interpreting() else max(1024, 65536 // element_size)
+        block_n = 4096 if interpreting() else max_block  # the interpreter: moderate blocks
     block = min(next_pow2(n), next_pow2(block_n))
     return block, n <= block
 
@@ -32,7 +37,7 @@ def norm_fwd(x2, weight, bias, residual2, eps, is_rms, block_n=None):
                         device=x2.device)
     mean = torch.empty(M, dtype=torch.float32, device=x2.device)
     rstd = torch.empty_like(mean)
-    block, single = _block(N, x2.element_size(), block_n)
+    block, single = _block(N, block_n, MAX_BLOCK_FWD)
     if M > 0:
         norm_fwd_kernel[(M,)](
             x2, residual2 if residual2 is not None else x2,
@@ -53,7 +58,7 @@ def norm_bwd(dy2, h2, weight, bias, mean, rstd, dh_in2, dx_dtype, is_rms, block_
 
     M, N = h2.shape
     dx = torch.empty(M, N, dtype=dx_dtype, device=h2.device)
-    block, single = _block(N, h2.element_size(), block_n)
+    block, single = _block(N, block_n, MAX_BLOCK_BWD)
     programs = max(1, min(M, num_programs_hint(h2.device)))
     rows = -(-M // programs)
     programs = -(-M // rows) if M else 1

@@ -18,11 +18,22 @@ def residual_add(x: torch.Tensor, residual: torch.Tensor | None) -> torch.Tensor
     return x if residual is None else x + residual
 
 
-def layer_norm_reference(x, weight, bias, eps=1e-5, *, residual=None, dtype=torch.float32):
+Out = torch.Tensor | tuple[torch.Tensor, torch.Tensor]
+
+
+def layer_norm_reference(x: torch.Tensor, weight: torch.Tensor | None,
+                         bias: torch.Tensor | None, eps: float = 1e-5, *,
+                         residual: torch.Tensor | None = None,
+                         dtype: torch.dtype = torch.float32) -> Out:
     """Differentiable LayerNorm over the last dim, computed in `dtype`.
 
     Args:
-        x: (..., N); weight, bias: (N,) or None; residual: (..., N) or None.
+        x: (..., N).
+        weight: (N,) or None.
+        bias: (N,) or None.
+        eps: added to the variance.
+        residual: (..., N) or None.
+        dtype: compute dtype (fp32; fp64 for tests).
 
     Returns:
         y (..., N) in x.dtype, or (y, h) with h = x + residual when residual is given.
@@ -33,8 +44,21 @@ def layer_norm_reference(x, weight, bias, eps=1e-5, *, residual=None, dtype=torc
     return y if residual is None else (y, h)
 
 
-def rms_norm_reference(x, weight, eps=1e-6, *, residual=None, dtype=torch.float32):
-    """Differentiable RMSNorm over the last dim, computed in `dtype` (see layer_norm_reference)."""
+def rms_norm_reference(x: torch.Tensor, weight: torch.Tensor | None, eps: float = 1e-6, *,
+                       residual: torch.Tensor | None = None,
+                       dtype: torch.dtype = torch.float32) -> Out:
+    """Differentiable RMSNorm over the last dim, computed in `dtype` (see layer_norm_reference).
+
+    Args:
+        x: (..., N).
+        weight: (N,) or None.
+        eps: added to the mean square.
+        residual: (..., N) or None.
+        dtype: compute dtype.
+
+    Returns:
+        y (..., N) in x.dtype, or (y, h) with h = x + residual when residual is given.
+    """
     h = residual_add(x, residual)
     hd = h.to(dtype)
     y = hd * torch.rsqrt(hd.square().mean(-1, keepdim=True) + eps)

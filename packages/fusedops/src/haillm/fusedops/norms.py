@@ -12,7 +12,7 @@ from torch import nn
 
 from haillm.fusedops._dispatch import resolve_impl
 from haillm.fusedops.norm_ops import NormFn
-from haillm.fusedops.norm_reference import layer_norm_reference, rms_norm_reference
+from haillm.fusedops.norm_reference import Out, layer_norm_reference, rms_norm_reference
 
 _DTYPES = (torch.float32, torch.float16, torch.bfloat16, torch.float64)
 
@@ -49,12 +49,13 @@ def _backend(op, impl, x):
 
 def layer_norm(x: torch.Tensor, weight: torch.Tensor | None, bias: torch.Tensor | None,
                eps: float = 1e-5, *, residual: torch.Tensor | None = None, impl: str = "auto",
-               block_n: int | None = None):
+               block_n: int | None = None) -> Out:
     """LayerNorm over the last dim, fp32 statistics; optionally fused with the residual add.
 
     Args:
         x: (..., N) fp32/fp16/bf16 (fp64 on the PyTorch path).
-        weight, bias: (N,) or None.
+        weight: (N,) or None.
+        bias: (N,) or None.
         eps: added to the variance.
         residual: (..., N) or None. When given, h = x + residual is formed in the same pass.
         impl: "auto" (Triton on CUDA, PyTorch on CPU), "triton", "torch".
@@ -73,11 +74,17 @@ def layer_norm(x: torch.Tensor, weight: torch.Tensor | None, bias: torch.Tensor 
 
 
 def rms_norm(x: torch.Tensor, weight: torch.Tensor | None, eps: float = 1e-6, *,
-             residual: torch.Tensor | None = None, impl: str = "auto", block_n: int | None = None):
+             residual: torch.Tensor | None = None, impl: str = "auto",
+             block_n: int | None = None) -> Out:
     """RMSNorm over the last dim (Zhang & Sennrich 2019), fp32 statistics, optional residual.
 
     Args:
-        x: (..., N); weight: (N,) or None; residual: (..., N) or None; see `layer_norm`.
+        x: (..., N).
+        weight: (N,) or None.
+        eps: added to the mean square.
+        residual: (..., N) or None.
+        impl: "auto", "triton" or "torch" (see `layer_norm`).
+        block_n: column block of the Triton kernel.
 
     Returns:
         y (..., N) in x.dtype; or (y, h) with h = x + residual when residual is given.
@@ -106,7 +113,7 @@ class LayerNorm(nn.Module):
         self.weight = nn.Parameter(torch.ones(hidden_size, device=device, dtype=dtype))
         self.bias = nn.Parameter(torch.zeros(hidden_size, device=device, dtype=dtype))
 
-    def forward(self, x: torch.Tensor, residual: torch.Tensor | None = None):
+    def forward(self, x: torch.Tensor, residual: torch.Tensor | None = None) -> Out:
         """x: (..., N) -> (..., N), or (y, x + residual) when residual is given."""
         return layer_norm(x, self.weight, self.bias, self.eps, residual=residual, impl=self.impl)
 
@@ -129,7 +136,7 @@ class RMSNorm(nn.Module):
         self.hidden_size, self.eps, self.impl = hidden_size, eps, impl
         self.weight = nn.Parameter(torch.ones(hidden_size, device=device, dtype=dtype))
 
-    def forward(self, x: torch.Tensor, residual: torch.Tensor | None = None):
+    def forward(self, x: torch.Tensor, residual: torch.Tensor | None = None) -> Out:
         """x: (..., N) -> (..., N), or (y, x + residual) when residual is given."""
         return rms_norm(x, self.weight, self.eps, residual=residual, impl=self.impl)
 

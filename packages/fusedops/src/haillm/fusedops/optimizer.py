@@ -20,6 +20,7 @@ have different step counts (some were skipped earlier) is updated one parameter 
 from __future__ import annotations
 
 from collections import defaultdict
+from collections.abc import Iterable
 from dataclasses import dataclass, field
 
 import torch
@@ -62,7 +63,7 @@ class FusedAdamW(torch.optim.Optimizer):
         identities are unchanged). Move the model to its device/dtype before the first step.
     """
 
-    def __init__(self, params, lr: float = 1e-3, betas: tuple[float, float] = (0.9, 0.999),
+    def __init__(self, params: Iterable, lr: float = 1e-3, betas: tuple[float, float] = (0.9, 0.999),
                  eps: float = 1e-8, weight_decay: float = 1e-2, *, impl: str = "auto"):
         if lr < 0.0:
             raise ValueError(f"FusedAdamW: invalid lr {lr} (must be >= 0)")
