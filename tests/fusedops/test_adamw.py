@@ -192,7 +192,8 @@ def test_adamw_gpu_bf16_copy_and_large():
     adamw_step_(*out, param_copy=cout, impl="triton", **hp)
     for a, b in zip(out, ref):
         assert _rel(a, b) <= 1e-6
-    torch.testing.assert_close(cout, cref, atol=0, rtol=0)
+    torch.testing.assert_close(cout, out[0].to(torch.bfloat16), atol=0, rtol=0)  # same pass
+    torch.testing.assert_close(cout, cref, atol=0, rtol=2**-8)  # fp32 last-bit differences
     # FusedAdamW on CUDA against torch's fused AdamW
     torch.manual_seed(0)
     m1 = torch.nn.Linear(257, 129).cuda()

@@ -58,21 +58,22 @@ def test_fp32_matches_reference(impl, n, v, seed, n_ignore, reduction, label_smo
                      else F.cross_entropy(x.double(), t, reduction="sum"), dtype=torch.float32)
 
 
-@pytest.mark.parametrize("impl", ["torch", "triton"])
+@pytest.mark.parametrize(("impl", "dtype"), [("torch", torch.float16), ("torch", torch.bfloat16),
+                                             ("triton", torch.float16)])  # bf16 kernel: GPU
 @given(n=st.integers(1, 6), v=st.sampled_from([5, 129, 700]), seed=st.integers(0, 2**16),
        label_smoothing=st.sampled_from([0.0, 0.1]))
-def test_fp16_low_precision_rule(impl, n, v, seed, label_smoothing):
-    x, t = _case(n, v, seed, torch.float16, scale=2.0)
+def test_low_precision_rule(impl, dtype, n, v, seed, label_smoothing):
+    x, t = _case(n, v, seed, dtype, scale=2.0)
     w = torch.tensor(1.0)
     loss, grad, _ = _mine(x, t, "mean", w, impl, label_smoothing=label_smoothing)
     ref_loss, ref_grad = _truth(x, t, "mean", w, label_smoothing=label_smoothing)
-    # eager PyTorch in fp16: F.cross_entropy on the fp16 logits
+    # eager PyTorch in low precision: F.cross_entropy on the fp16/bf16 logits
     xl = x.clone().requires_grad_()
     torch_loss = F.cross_entropy(xl, t, label_smoothing=label_smoothing)
     torch_loss.backward()
     assert_lowp_close(grad, xl.grad, ref_grad, name="dlogits")
     assert_lowp_close(loss, torch_loss, ref_loss, floor=1e-5, name="loss")
-    assert grad.dtype == torch.float16
+    assert grad.dtype == dtype
 
 
 def test_cpu_path_chunks_rows(monkeypatch):
