@@ -33,7 +33,7 @@ def adamw_step_reference_(
     """One AdamW step, in place, on flat fp32 buffers of equal shape (N,).
 
     Args:
-        param: (N,) fp32, updated in place.
+        param: (N,) fp32 master parameters, updated in place.
         grad: (N,) any float dtype (upcast to fp32).
         exp_avg: (N,) fp32 first moment, updated in place.
         exp_avg_sq: (N,) fp32 second moment, updated in place.
