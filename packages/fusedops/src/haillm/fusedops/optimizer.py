@@ -43,8 +43,10 @@ class _Bucket:
 
 
 def _same_slice(t: torch.Tensor | None, flat: torch.Tensor, offset: int) -> bool:
-    return (t is not None and t.is_contiguous() and t.untyped_storage().data_ptr()
-            == flat.untyped_storage().data_ptr() and t.storage_offset() == offset)
+    """Is `t` the contiguous slice of `flat` starting at `offset`? (cheap: runs every step)"""
+    return (t is not None and t.dtype == flat.dtype
+            and t.data_ptr() == flat.data_ptr() + offset * flat.element_size()
+            and t.is_contiguous())
 
 
 class FusedAdamW(torch.optim.Optimizer):
@@ -100,7 +102,7 @@ class FusedAdamW(torch.optim.Optimizer):
         b = self._buckets.get(key)
         if (b is None or len(b.params) != len(params)
                 or any(p is not q for p, q in zip(b.params, params))
-                or not all(_same_slice(p.data, b.flat_p, o) for p, o in zip(params, b.offsets))):
+                or not all(_same_slice(p, b.flat_p, o) for p, o in zip(params, b.offsets))):
             b = self._buckets[key] = self._build_bucket(params)
         # States loaded by load_state_dict (or never created) are (re)bound to the flat slices.
         for i, p in enumerate(params):
