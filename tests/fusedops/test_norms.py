@@ -146,3 +146,32 @@ def test_gpu_kernels(dtype, n):
                 assert a.dtype == dtype
                 assert_lowp_close(a, t, b, floor=1e-3 * max(1.0, b.abs().max().item()),
                                   name=f"{kind} res={residual} out{i}")
+
+
+@pytest.mark.parametrize("kind", ["layer", "rms"])
+def test_no_affine_params(kind):
+    """weight=None (and bias=None): the kernel's HAS_W/HAS_B=False paths, fwd and bwd."""
+    x = torch.randn(3, 40, dtype=torch.float64)
+    xs = x.float().requires_grad_()
+    x64 = x.clone().requires_grad_()
+    if kind == "layer":
+        y = layer_norm(xs, None, None, impl="triton", block_n=16)
+        ref = F.layer_norm(x64, (40,))
+    else:
+        y = rms_norm(xs, None, impl="triton", block_n=16)
+        ref = F.rms_norm(x64, (40,), None, 1e-6)
+    dy = torch.randn(3, 40, dtype=torch.float64)
+    (y * dy.float()).sum().backward()
+    (ref * dy).sum().backward()
+    assert_close(y.double(), ref, dtype=torch.float32)
+    assert_close(xs.grad.double(), x64.grad, dtype=torch.float32)
+
+
+def test_triton_on_cpu_without_interpreter_warns(monkeypatch):
+    import haillm.fusedops._dispatch as dispatch
+
+    monkeypatch.setattr(dispatch, "interpreting", lambda: False)
+    x = torch.randn(2, 8)
+    with pytest.warns(UserWarning, match="falling back to PyTorch"):
+        y = rms_norm(x, None, impl="triton")
+    assert_close(y, F.rms_norm(x, (8,), None, 1e-6))
