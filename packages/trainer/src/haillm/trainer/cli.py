@@ -106,18 +106,27 @@ def train_main(argv: list[str] | None = None) -> int:
 
 
 def generate_main(argv: list[str] | None = None) -> int:
-    """`haillm-generate`: not implemented yet (issue 10)."""
-    print("haillm-generate: not implemented yet (checkpoints and generation land with issue 10); "
-          "haillm-train prints a sample at the end of a run and saves <out>/model.safetensors",
-          file=sys.stderr)
-    return 2
+    """`haillm-generate`: sample from a checkpoint or a safetensors export (see `--help`)."""
+    from haillm.trainer.generate import run_generate
+
+    try:
+        print(run_generate(argv))
+    except (ConfigError, FileNotFoundError, ValueError) as e:
+        print(f"haillm-generate: error: {e}", file=sys.stderr)
+        return 2
+    return 0
 
 
 def plan_main(argv: list[str] | None = None) -> int:
-    """`haillm-plan`: not implemented yet (issue 10)."""
-    print("haillm-plan: not implemented yet (the memory planner lands with issue 10)",
-          file=sys.stderr)
-    return 2
+    """`haillm-plan`: per-rank memory and FLOPs of a preset in a layout (see `--help`)."""
+    from haillm.trainer.plan import run_plan
+
+    try:
+        print(run_plan(argv))
+    except ConfigError as e:
+        print(f"haillm-plan: error: {e}", file=sys.stderr)
+        return 2
+    return 0
 
 
 if __name__ == "__main__":  # pragma: no cover
