@@ -1,0 +1,368 @@
+"""Checkpoints that survive faults and changes of layout (`torch.distributed.checkpoint`).
+
+One checkpoint is a folder `<out>/checkpoints/step_00000040/`:
+
+* the tensors, written by `torch.distributed.checkpoint` (DCP: one `.distcp` file per writing
+  rank and a `.metadata` index): for every parameter of the model, under its *logical* name
+  and *global* shape (`master/layers.3.attn.wq.weight`, `exp_avg/...`, `exp_avg_sq/...`):
+  the fp32 master weights and the two Adam moments, **gathered to full on save** over TP
+  (un-merging QKV and gate-up) and over DP (the ZeRO-1 shards). The (dp 0, tp 0) rank of
+  every pipeline stage contributes its stage's tensors, so the stages write in parallel. The
+  training weights are the master weights cast to the training precision (which is exactly
+  what the optimizer writes after each step), so they need no copy of their own.
+* `trainer_state.pt`: optimizer step count, data position (the sampler), loss scaler, step;
+  `rng/rank_00003.pt`: each rank's RNG states (used when the layout is unchanged).
+* `manifest.json`, written last: step, layout, the resolved config, and the size and SHA-256
+  of every file.
+
+Because the saved form does not depend on the layout, *resharding on load* is slicing: each
+rank asks DCP for the full tensors of its stage's layers and keeps its TP slice and DP shard
+(`layout_map.from_logical`). What the real ones add (torchtitan, Megatron's dist-ckpt): each
+rank saves only its own shard as a DTensor/ShardedTensor piece (no gather, no full copy in
+memory) and DCP reshards piece by piece on load.
+
+Atomicity: the folder is written as `.tmp-step_N`, every file is fsynced, the manifest comes
+last and only then is the folder renamed (an atomic `rename` on POSIX) to `step_N`. A crash
+while saving leaves a `.tmp-*` folder that no loader looks at; the older checkpoints are
+untouched (pruning to the last `keep` happens after the rename). On load the manifest's
+checksums are verified: a missing, truncated or corrupted file is refused with a
+`CheckpointError` naming it, and `--resume` falls back to the newest checkpoint that verifies.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import random
+import shutil
+import sys
+import time
+from pathlib import Path
+
+import torch
+import torch.distributed as dist
+
+from haillm.trainer.layout_map import from_logical, logical_shapes, to_logical
+
+__all__ = ["CheckpointError", "Checkpointer", "checkpoints", "latest_checkpoint",
+           "load_logical", "verify_checkpoint"]
+
+FORMAT = "haillm-checkpoint-v1"
+KEYS = ("master", "exp_avg", "exp_avg_sq")
+
+
+class CheckpointError(RuntimeError):
+    """A checkpoint that is incomplete, corrupted or does not fit the run."""
+
+
+# ------------------------------------------------------------------------------ files
+def _sha256(path: Path) -> str:
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        for chunk in iter(lambda: f.read(1 << 20), b""):
+            h.update(chunk)
+    return h.hexdigest()
+
+
+def _fsync_tree(root: Path) -> None:
+    for p in sorted(root.rglob("*")):
+        if p.is_file():
+            with open(p, "rb") as f:
+                os.fsync(f.fileno())
+
+
+def checkpoints(root: Path) -> list[Path]:
+    """The renamed (candidate complete) checkpoint folders under `root`, oldest first."""
+    root = Path(root)
+    if not root.is_dir():
+        return []
+    found = [p for p in root.iterdir() if p.is_dir() and p.name.startswith("step_")]
+    return sorted(found, key=lambda p: int(p.name.split("_")[1]))
+
+
+def verify_checkpoint(path: Path) -> dict:
+    """Return the manifest of a complete, intact checkpoint; else raise `CheckpointError`."""
+    path = Path(path)
+    man = path / "manifest.json"
+    if not man.is_file():
+        raise CheckpointError(f"{path}: incomplete checkpoint (no manifest.json)")
+    try:
+        manifest = json.loads(man.read_text())
+    except ValueError as e:
+        raise CheckpointError(f"{path}: manifest.json is not valid JSON ({e})") from None
+    if manifest.get("format") != FORMAT:
+        raise CheckpointError(f"{path}: unknown format {manifest.get('format')!r}")
+    for rel, info in manifest["files"].items():
+        f = path / rel
+        if not f.is_file():
+            raise CheckpointError(f"{path}: missing file {rel} (the manifest lists it)")
+        size = f.stat().st_size
+        if size != info["bytes"]:
+            raise CheckpointError(f"{path}: {rel} has {size} bytes, the manifest says "
+                                  f"{info['bytes']} (truncated or overwritten)")
+        if _sha256(f) != info["sha256"]:
+            raise CheckpointError(f"{path}: checksum mismatch in {rel} (corrupted file)")
+    return manifest
+
+
+def latest_checkpoint(root: Path, *, log=None) -> tuple[Path, dict] | None:
+    """The newest checkpoint under `root` that verifies; refused ones are reported to `log`."""
+    for path in reversed(checkpoints(root)):
+        try:
+            return path, verify_checkpoint(path)
+        except CheckpointError as e:
+            if log:
+                log(f"haillm: refusing checkpoint {e}; trying an older one")
+    return None
+
+
+def _resolve(path: Path) -> tuple[Path, dict]:
+    """A checkpoint folder, or a run folder / its `checkpoints/` (newest complete one)."""
+    path = Path(path)
+    if (path / "manifest.json").is_file() or path.name.startswith("step_"):
+        return path, verify_checkpoint(path)
+    for root in (path / "checkpoints", path):
+        found = latest_checkpoint(root, log=lambda s: print(s, file=sys.stderr))
+        if found:
+            return found
+    raise CheckpointError(f"no complete checkpoint under {path}")
+
+
+def load_logical(path: Path, keys: dict[str, tuple[tuple[int, ...], torch.dtype]] | None = None,
+                 *, prefix: str = "master/") -> tuple[dict[str, torch.Tensor], dict]:
+    """Read full logical tensors from a checkpoint in one process (no process group needed).
+
+    Args:
+        path: a checkpoint folder, or a run folder (its newest complete checkpoint).
+        keys: `{logical name: (shape, dtype)}` to read; default every key under `prefix`.
+    Returns:
+        (`{name: tensor}` without the prefix, the manifest).
+    """
+    import torch.distributed.checkpoint as dcp
+    from torch.distributed.checkpoint import FileSystemReader
+
+    path, manifest = _resolve(path)
+    if keys is None:
+        meta = FileSystemReader(str(path)).read_metadata().state_dict_metadata
+        keys = {k[len(prefix):]: (tuple(v.size), v.properties.dtype) for k, v in meta.items()
+                if k.startswith(prefix)}
+    sd = {prefix + k: torch.empty(shape, dtype=dt) for k, (shape, dt) in keys.items()}
+    dcp.load(sd, checkpoint_id=str(path), no_dist=True)
+    return {k[len(prefix):]: v for k, v in sd.items()}, manifest
+
+
+# ------------------------------------------------------------------------------ optimizer
+def _names(stage) -> dict[int, str]:
+    return {id(p): n for n, p in stage.named_parameters()}
+
+
+@torch.no_grad()
+def _optimizer_full_state(opt, stage) -> tuple[dict[str, dict[str, torch.Tensor]], dict]:
+    """`{master|exp_avg|exp_avg_sq: {stage param name: fp32 tensor}}` (collective over DP)."""
+    if hasattr(opt, "opt") and hasattr(opt.opt, "full_state_dict"):  # haillm.zero's Zero1AdamW
+        full = opt.opt.full_state_dict()
+        return {k: full[k] for k in KEYS}, {"num_steps": full["num_steps"],
+                                             "loss_scaler": full.get("loss_scaler")}
+    from haillm.trainer.grid import all_gather_into
+
+    names, grid = _names(stage), opt.grid
+    out: dict[str, dict[str, torch.Tensor]] = {k: {} for k in KEYS}
+    for i, b in enumerate(opt.buckets):
+        for key in KEYS:
+            shard = getattr(opt, key)[i]
+            if opt.zero and grid.dp > 1:
+                flat = torch.empty(b.numel, dtype=shard.dtype, device=shard.device)
+                all_gather_into(flat, shard.contiguous(), group=grid.dp_group)
+            else:
+                flat = shard
+            off = 0
+            for p in b.params:
+                out[key][names[id(p)]] = flat[off:off + p.numel()].view_as(p).clone()
+                off += p.numel()
+    return out, {"num_steps": opt.step_count}
+
+
+@torch.no_grad()
+def _optimizer_load_full(opt, stage, state: dict[str, dict[str, torch.Tensor]], extra: dict):
+    """Each rank keeps its DP shard of the full state; parameters := master weights."""
+    if hasattr(opt, "opt") and hasattr(opt.opt, "load_full_state_dict"):
+        opt.opt.load_full_state_dict({**state, "num_steps": extra["num_steps"],
+                                      "param_groups": opt.opt._hparams(),
+                                      "loss_scaler": extra.get("loss_scaler")})
+        return
+    names, grid = _names(stage), opt.grid
+    r = grid.dp_rank if opt.zero else 0
+    for i, b in enumerate(opt.buckets):
+        for key in KEYS:
+            flat = torch.zeros(b.numel, dtype=torch.float32, device=b.param_buf.device)
+            off = 0
+            for p in b.params:
+                flat[off:off + p.numel()] = state[key][names[id(p)]].reshape(-1)
+                off += p.numel()
+            getattr(opt, key)[i].copy_(flat[r * b.shard:(r + 1) * b.shard])
+            if key == "master":  # what the optimizer itself writes after every step
+                b.param_buf.copy_(flat.to(b.param_buf.dtype))
+    opt.step_count = extra["num_steps"]
+
+
+def _rng_state() -> dict:
+    st = {"torch": torch.get_rng_state(), "python": random.getstate()}
+    if torch.cuda.is_available() and torch.cuda.is_initialized():
+        st["cuda"] = torch.cuda.get_rng_state()
+    try:
+        import numpy as np
+
+        st["numpy"] = np.random.get_state()
+    except ImportError:  # pragma: no cover
+        pass
+    return st
+
+
+def _set_rng_state(st: dict) -> None:
+    torch.set_rng_state(st["torch"])
+    random.setstate(st["python"])
+    if "cuda" in st and torch.cuda.is_available():
+        torch.cuda.set_rng_state(st["cuda"])
+    if "numpy" in st:
+        import numpy as np
+
+        np.random.set_state(st["numpy"])
+
+
+# ------------------------------------------------------------------------------ the object
+class Checkpointer:
+    """Saves and restores one rank's share of the run (every method is collective).
+
+    Args:
+        cfg: the run's `Config` (`run.out`, `run.save_every`, `run.resume`, layout).
+        grid: the rank grid; stage: this rank's `StageModel`; opt: its optimizer;
+        sampler: the data sampler; scaler: the trainer's `LossScaler` or None.
+        keep: how many complete checkpoints to keep (older ones are deleted).
+    """
+
+    def __init__(self, cfg, grid, stage, opt, sampler, scaler=None, *, keep: int = 3,
+                 log=None):
+        self.cfg, self.grid, self.stage, self.opt = cfg, grid, stage, opt
+        self.sampler, self.scaler, self.keep = sampler, scaler, keep
+        self.root = Path(cfg.run.out) / "checkpoints"
+        self.log = log or (lambda s: print(s, file=sys.stderr, flush=True))
+        self.writer = grid.dp_rank == 0 and grid.tp_rank == 0  # one writer per stage
+        pids = Path(cfg.run.out) / "pids"  # so that operators (and tests) can find a rank
+        pids.mkdir(parents=True, exist_ok=True)
+        (pids / f"rank_{grid.rank:05d}").write_text(str(os.getpid()))
+
+    def _barrier(self):
+        if dist.is_initialized() and self.grid.world > 1:
+            dist.barrier()
+
+    def _layout(self) -> dict:
+        p = self.cfg.parallel
+        return {"dp": p.dp, "tp": p.tp, "pp": p.pp, "world": self.grid.world,
+                "microbatches": p.microbatches, "sequence_parallel": p.sequence_parallel}
+
+    def should_save(self, step: int, last: int) -> bool:
+        k = self.cfg.run.save_every
+        return step == last or (k > 0 and step % k == 0)
+
+    # ---------------------------------------------------------------- save
+    def save(self, step: int) -> Path:
+        """Write checkpoint `step` (collective). Returns its final folder."""
+        import torch.distributed.checkpoint as dcp
+
+        name = f"step_{step:08d}"
+        final, tmp = self.root / name, self.root / f".tmp-{name}"
+        t0 = time.perf_counter()
+        if self.grid.rank == 0:
+            self.root.mkdir(parents=True, exist_ok=True)
+            if tmp.exists():  # left by a crash while saving: never complete, never read
+                shutil.rmtree(tmp)
+            tmp.mkdir()
+            (tmp / "rng").mkdir()
+        self._barrier()
+        local = {n: p for n, p in self.stage.named_parameters()}
+        state, extra = _optimizer_full_state(self.opt, self.stage)
+        sd: dict[str, torch.Tensor] = {}
+        for key in KEYS:
+            full = to_logical(self.stage, state[key])  # collective over TP
+            if self.writer:
+                sd.update({f"{key}/{n}": t.cpu() for n, t in full.items()})
+        del local
+        dcp.save(sd, checkpoint_id=str(tmp), no_dist=not dist.is_initialized())
+        torch.save(_rng_state(), tmp / "rng" / f"rank_{self.grid.rank:05d}.pt")
+        if self.grid.rank == 0:
+            ts = {"step": step, "sampler": self.sampler.state_dict(), "optimizer": extra,
+                  "scaler": self.scaler.state_dict() if self.scaler else None}
+            torch.save(ts, tmp / "trainer_state.pt")
+        self._barrier()
+        if self.grid.rank == 0:
+            _maybe_fail_for_test("before-manifest")
+            _fsync_tree(tmp)
+            files = {str(p.relative_to(tmp)): {"bytes": p.stat().st_size, "sha256": _sha256(p)}
+                     for p in sorted(tmp.rglob("*")) if p.is_file()}
+            manifest = {"format": FORMAT, "step": step, "layout": self._layout(),
+                        "precision": self.cfg.train.precision, "config": self.cfg.to_dict(),
+                        "params_form": "full logical tensors, gathered over TP and DP on save",
+                        "torch": torch.__version__, "time": time.time(), "files": files}
+            with open(tmp / "manifest.json", "w") as f:
+                json.dump(manifest, f, indent=1)
+                f.flush()
+                os.fsync(f.fileno())
+            if final.exists():  # a re-run of the same step: replace it only now
+                shutil.rmtree(final)
+            os.rename(tmp, final)
+            for old in checkpoints(self.root)[:-self.keep] if self.keep > 0 else []:
+                shutil.rmtree(old, ignore_errors=True)
+            self.log(f"haillm: saved checkpoint {final} ({time.perf_counter() - t0:.1f} s)")
+        self._barrier()
+        return final
+
+    # ---------------------------------------------------------------- load
+    def resume(self) -> int:
+        """Load the newest complete checkpoint (collective). Returns its step (0: none)."""
+        choice = [None]
+        if self.grid.rank == 0:
+            found = latest_checkpoint(self.root, log=self.log)
+            choice = [str(found[0]) if found else None]
+        if dist.is_initialized() and self.grid.world > 1:
+            dist.broadcast_object_list(choice, src=0)
+        if choice[0] is None:
+            self.log(f"haillm: --resume: no complete checkpoint in {self.root}; starting fresh")
+            return 0
+        return self.load(Path(choice[0]))
+
+    def load(self, path: Path) -> int:
+        """Load checkpoint `path` into this rank, resharding to the current layout."""
+        import torch.distributed.checkpoint as dcp
+
+        manifest = json.loads((Path(path) / "manifest.json").read_text())
+        shapes = logical_shapes(self.stage)
+        sd = {f"{k}/{n}": torch.empty(s, dtype=torch.float32) for k in KEYS
+              for n, s in shapes.items()}
+        dcp.load(sd, checkpoint_id=str(path), no_dist=not dist.is_initialized())
+        dev = next(self.stage.parameters()).device
+        state = {k: {n: t.to(dev) for n, t in
+                     from_logical(self.stage, {n: sd[f"{k}/{n}"] for n in shapes}).items()}
+                 for k in KEYS}
+        ts = torch.load(Path(path) / "trainer_state.pt", weights_only=False)
+        _optimizer_load_full(self.opt, self.stage, state, ts["optimizer"])
+        self.sampler.load_state_dict(ts["sampler"])
+        if self.scaler is not None and ts["scaler"]:
+            self.scaler.scale, self.scaler.good = ts["scaler"]["scale"], ts["scaler"]["good"]
+        same = manifest["layout"] == self._layout()
+        rng = Path(path) / "rng" / f"rank_{self.grid.rank:05d}.pt"
+        if same and rng.is_file():
+            _set_rng_state(torch.load(rng, weights_only=False))
+        if self.grid.rank == 0:
+            old = manifest["layout"]
+            how = "same layout" if same else (f"resharded from dp={old['dp']} tp={old['tp']} "
+                                              f"pp={old['pp']}")
+            self.log(f"haillm: resumed from {path} at step {ts['step']} ({how})")
+        self._barrier()
+        return int(ts["step"])
+
+
+def _maybe_fail_for_test(point: str) -> None:
+    """Fault injection: `HAILLM_CKPT_FAIL=before-manifest` raises while saving (tests)."""
+    if os.environ.get("HAILLM_CKPT_FAIL") == point:
+        raise OSError(f"injected failure while saving ({point})")
