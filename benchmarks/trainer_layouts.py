@@ -114,7 +114,7 @@ def main() -> None:
         recs = run_layout(base, dp, tp, pp, out)
         curves[(dp, tp, pp)] = [r["loss"] for r in recs]
         steady = recs[len(recs) // 4:]  # skip the warm-up steps
-        med = lambda k: statistics.median(r[k] for r in steady)
+        med = lambda k, steady=steady: statistics.median(r[k] for r in steady)
         rows.append([f"({dp}, {tp}, {pp})", dp * tp * pp, f"{med('tokens_per_s'):,.0f}",
                      f"{100 * med('mfu'):.2f} %", f"{1000 * med('step_time_s'):.0f}",
                      f"{100 * med('comm_fraction'):.0f} %", f"{recs[0]['loss']:.3f}",
