@@ -15,6 +15,7 @@ import torch
 from haillm.trainer import DeepSeekLM, load_config, lr_at, train
 from haillm.trainer.config import apply_dict
 from haillm.trainer.data import PackedDataset, Sampler
+from haillm.trainer.pipeline_exec import package_executor_available
 from tests.helpers import run_distributed
 
 STEPS = 3
@@ -100,6 +101,12 @@ def test_layouts_match_plain_pytorch(corpus, tmp_path):
     for world, lays in layouts.items():
         cfgs = [_cfg_dict(corpus, str(tmp_path / f"{dp}{tp}{pp}{z}"), dp, tp, pp, sp, z)
                 for dp, tp, pp, sp, z in lays]
+        if world == 2 and package_executor_available():
+            # interleaved 1F1B: 2 model chunks per stage (needs haillm.pipeline's executor)
+            d = _cfg_dict(corpus, str(tmp_path / "112i"), 1, 1, 2, False)
+            d["parallel"].update(pipeline_schedule="interleaved", chunks=2)
+            cfgs.append(d)
+            lays = [*lays, (1, 1, 2, False, "interleaved")]
         # fork: the ranks start in a second instead of re-importing torch (2-core CI budget)
         res = run_distributed(_run_layouts, world, cfgs, timeout=300, start_method="fork")[0]
         got.update({lay: losses for lay, losses in zip(lays, res)})

@@ -155,6 +155,9 @@ class ParallelConfig:
     """`1f1b`, `gpipe` or `interleaved` (with `chunks` model chunks per stage)."""
     chunks: int = 1
     """Model chunks per pipeline stage for the interleaved schedule."""
+    pipeline_impl: str = "auto"
+    """`auto` (`haillm.pipeline.PipelineExecutor` when installed, else the trainer's own 1F1B
+    executor), `package` or `trainer`. The interleaved schedule needs the package."""
     sequence_parallel: bool = True
     """Shard norms/residuals along the sequence inside the TP group (no-op at tp = 1)."""
     zero: bool = True

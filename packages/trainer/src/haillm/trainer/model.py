@@ -166,9 +166,13 @@ class StageModel(nn.Module):
         logits = F.linear(y, self.head).flatten(0, 1)  # (B*S, V/tp)
         if targets is None:
             return logits
+        return self.loss(logits, targets)
+
+    def loss(self, logits, targets):
+        """Mean cross-entropy of `logits` (B*S, V/tp) against `targets` (B, S) (last stage)."""
         t = targets.flatten()
         if self.grid.tp > 1:
-            return self.ops.vocab_parallel_ce(logits, t, group=g)
+            return self.ops.vocab_parallel_ce(logits, t, group=self.grid.tp_group)
         return self.ops.cross_entropy(logits, t)
 
 

@@ -143,3 +143,57 @@ def run_step(stage, actions, inputs: list, targets: list, grid: Grid, *, act_sha
         work.wait()
     times.p2p += time.perf_counter() - t0
     return total
+
+
+def package_executor_available() -> bool:
+    try:
+        from haillm.pipeline import PipelineExecutor  # noqa: F401
+    except ImportError:
+        return False
+    return True
+
+
+class PackageStep:
+    """One optimizer step's micro-batches through `haillm.pipeline.PipelineExecutor`.
+
+    The executor owns the schedule (1F1B, GPipe or interleaved with several model chunks per
+    stage), the P2P exchange and the 1/m loss scaling; the trainer gives it the stage's
+    chunk(s), the loss (vocab-parallel under TP) and the hook that starts the ZeRO
+    reduce-scatter before the last micro-batch's backward. With several chunks per stage the
+    hook fires once per chunk, while other chunks still have backwards to run, so the
+    reduction then starts after the run instead (no overlap).
+    """
+
+    def __init__(self, chunks: list, grid: Grid, *, schedule: str, act_shape, dtype, device,
+                 on_last_backward: Callable[[], None] | None):
+        from haillm.pipeline import PipelineExecutor
+
+        self.chunks, self.grid = chunks, grid
+        self.scale = 1.0
+        last = chunks[-1]
+        self.hook = on_last_backward if len(chunks) == 1 else None
+
+        def loss_fn(logits, targets):
+            return last.loss(logits, targets) * self.scale
+
+        self.ex = PipelineExecutor(
+            chunks[0] if len(chunks) == 1 else chunks, group=grid.pp_group, loss_fn=loss_fn,
+            tensor_shapes=tuple(act_shape), dtype=dtype, device=device, schedule=schedule,
+            on_last_backward=(lambda c: self.hook()) if self.hook else None)
+        self.after_run = on_last_backward if len(chunks) > 1 else None
+
+    def __call__(self, inputs, targets, *, loss_scale=1.0, times: StepTimes | None = None):
+        self.scale = loss_scale
+        t0 = time.perf_counter()
+        first = self.grid.is_first_stage
+        last = self.grid.is_last_stage
+        losses = self.ex.run(inputs if first else None, targets if last else None,
+                             num_microbatches=len(inputs))
+        if self.after_run is not None:
+            self.after_run()
+        if times is not None:
+            times.compute += time.perf_counter() - t0
+        total = torch.zeros((), dtype=torch.float32)
+        for loss in losses:
+            total += loss.float() / (len(inputs) * loss_scale)
+        return total

@@ -19,14 +19,20 @@ from pathlib import Path
 import torch
 import torch.distributed as dist
 
-from haillm.trainer.config import Config, dump_toml
+from haillm.trainer.config import Config, ConfigError, dump_toml
 from haillm.trainer.data import Sampler, build_dataset
 from haillm.trainer.grid import Grid
 from haillm.trainer.metrics import MetricsLogger, device_peak_flops, flops_per_token
 from haillm.trainer.model import StageModel, gather_full_state, split_layers
 from haillm.trainer.ops import Ops
 from haillm.trainer.optim import LossScaler, ShardedOptimizer, lr_at, make_optimizer
-from haillm.trainer.pipeline_exec import StepTimes, make_schedule, run_step
+from haillm.trainer.pipeline_exec import (
+    PackageStep,
+    StepTimes,
+    make_schedule,
+    package_executor_available,
+    run_step,
+)
 from haillm.trainer.reference import DeepSeekLM
 
 __all__ = ["DTYPES", "evaluate", "train"]
@@ -43,22 +49,34 @@ def _world_sum(x: float, grid: Grid) -> float:
 
 
 @torch.no_grad()
-def evaluate(stage: StageModel, ds, grid: Grid, cfg: Config, *, act_shape, dtype) -> float:
-    """Mean loss over `eval_batches` global batches of held-out windows (forward only)."""
+def evaluate(chunks: list[StageModel], ds, grid: Grid, cfg: Config, *, act_shape,
+             dtype) -> float:
+    """Mean loss over `eval_batches` global batches of held-out windows (forward only).
+
+    Walks the virtual stages in order (chunk c of stage s is virtual stage c*pp + s), so it
+    also evaluates an interleaved model.
+    """
     mbs = cfg.micro_batch_size
     idx = ds.val_indices(cfg.train.eval_batches * cfg.train.global_batch)
     per_rank = len(idx) // grid.dp
     mine = idx[grid.dp_rank * per_rank:(grid.dp_rank + 1) * per_rank]
-    total, n = 0.0, 0
+    total, n, sends = 0.0, 0, []
     for j in range(0, len(mine), mbs):
         x, y = ds.val_batch(mine[j:j + mbs])
-        h = x if grid.is_first_stage else _recv(act_shape, dtype, grid.stage_peer(-1))
-        out = stage(h, y if grid.is_last_stage else None)
-        if grid.is_last_stage:
-            total += out.float().item()
-        else:
-            dist.send(out.contiguous(), dst=grid.stage_peer(+1))
-        n += 1
+        for chunk in chunks:
+            h = x if chunk.first else _recv(act_shape, dtype, grid.stage_peer(-1)
+                                            if not grid.is_first_stage else
+                                            grid.stage_peer(grid.pp - 1))
+            out = chunk(h, y if chunk.last else None)
+            if chunk.last:
+                total += out.float().item()
+                n += 1
+            else:
+                dst = grid.stage_peer(+1) if not grid.is_last_stage else grid.stage_peer(1 - grid.pp)
+                out = out.contiguous()
+                sends.append((dist.isend(out, dst=dst), out))
+    for w, _ in sends:
+        w.wait()
     mine_loss = total / max(n, 1) if (grid.is_last_stage and grid.tp_rank == 0) else 0.0
     return _world_sum(mine_loss, grid) / grid.dp
 
@@ -69,9 +87,9 @@ def _recv(shape, dtype, src):
     return buf
 
 
-def _gather_model(stage: StageModel, grid: Grid, cfg: Config) -> DeepSeekLM | None:
+def _gather_model(chunks: list[StageModel], grid: Grid, cfg: Config) -> DeepSeekLM | None:
     """The full fp32 reference model on global rank 0 (None elsewhere). Collective."""
-    part = gather_full_state(stage)
+    part = {k: v for c in chunks for k, v in gather_full_state(c).items()}
     if grid.world > 1:
         keep = part if (grid.dp_rank == 0 and grid.tp_rank == 0) else None
         parts = [None] * grid.world if grid.rank == 0 else None
@@ -114,19 +132,38 @@ def train(cfg: Config, *, stream=None) -> dict:
     dtype = DTYPES[t.precision]
     ops = Ops(p, warn=is_rank0)
     ref = DeepSeekLM(m, seed=t.seed)
-    layers = split_layers(m.n_layers, p.pp)[grid.pp_rank]
-    stage = StageModel(ref, layers, grid, ops, first=grid.is_first_stage,
-                       last=grid.is_last_stage, sequence_parallel=p.sequence_parallel,
-                       dtype=dtype, device=device)
+    use_pkg_pipe = p.pipeline_impl == "package" or (
+        p.pipeline_impl == "auto" and package_executor_available())
+    if p.pipeline_schedule == "interleaved" and not use_pkg_pipe:
+        raise ConfigError("the interleaved schedule needs haillm.pipeline.PipelineExecutor "
+                          "(parallel.pipeline_impl=package)")
+    v = p.chunks if p.pipeline_schedule == "interleaved" else 1
+    # virtual stage c*pp + s is chunk c of stage s (Megatron's interleaving)
+    split = split_layers(m.n_layers, p.pp * v)
+    chunks = [StageModel(ref, split[c * p.pp + grid.pp_rank], grid, ops,
+                         first=(c == 0 and grid.is_first_stage),
+                         last=(c == v - 1 and grid.is_last_stage),
+                         sequence_parallel=p.sequence_parallel, dtype=dtype, device=device)
+              for c in range(v)]
+    stage = chunks[0] if v == 1 else torch.nn.ModuleList(chunks)
     del ref
     opt, opt_src = make_optimizer(stage, t, grid, zero=p.zero, overlap=p.overlap_grad_reduce,
                                   sequence_parallel=p.sequence_parallel, impl=p.zero_impl)
     own_scaler = isinstance(opt, ShardedOptimizer) and t.precision == "fp16"
     scaler = LossScaler() if own_scaler else None
-    actions, sched_src = make_schedule(p.pipeline_schedule, p.pp, p.microbatches, grid.pp_rank)
     mbs = cfg.micro_batch_size
     s_local = m.seq_len // p.tp if (p.sequence_parallel and p.tp > 1) else m.seq_len
-    act_shape = (mbs, s_local, m.hidden_size)
+    act_shape = (mbs, s_local, m.hidden_size)  # the residual stream between stages
+    if use_pkg_pipe:
+        pkg_step = PackageStep(chunks, grid, schedule=p.pipeline_schedule, act_shape=act_shape,
+                               dtype=dtype, device=device,
+                               on_last_backward=opt.start_last_microbatch)
+        actions, sched_src = None, (f"haillm.pipeline.PipelineExecutor ({p.pipeline_schedule}"
+                                    f"{f', {v} chunks per stage' if v > 1 else ''})")
+    else:
+        actions, sched_src = make_schedule(p.pipeline_schedule, p.pp, p.microbatches,
+                                           grid.pp_rank)
+        sched_src = "trainer executor, schedule: " + sched_src
     sampler = Sampler(ds.n_train, t.global_batch, t.seed)
 
     tokens_per_step = t.global_batch * m.seq_len
@@ -160,9 +197,12 @@ def train(cfg: Config, *, stream=None) -> dict:
         ys = [b[1].to(device) for b in batches]
         lr = lr_at(step, t)
         scale = scaler.scale if scaler else getattr(opt, "loss_scale", 1.0)
-        loss_sum = run_step(stage, actions, xs, ys, grid, act_shape=act_shape, act_dtype=dtype,
-                            loss_scale=scale, on_last_backward=opt.start_last_microbatch,
-                            times=times)
+        if use_pkg_pipe:
+            loss_sum = pkg_step(xs, ys, loss_scale=scale, times=times)
+        else:
+            loss_sum = run_step(stage, actions, xs, ys, grid, act_shape=act_shape,
+                                act_dtype=dtype, loss_scale=scale,
+                                on_last_backward=opt.start_last_microbatch, times=times)
         gnorm, found_inf = opt.step(lr, inv_scale=1.0 / scale)
         if scaler:
             scaler.update(found_inf)
@@ -179,7 +219,7 @@ def train(cfg: Config, *, stream=None) -> dict:
         if t.precision == "fp16":
             rec["loss_scale"] = scaler.scale if scaler else opt.loss_scale
         if t.eval_every and ((step + 1) % t.eval_every == 0 or step + 1 == t.steps):
-            v = evaluate(stage, ds, grid, cfg, act_shape=act_shape, dtype=dtype)
+            v = evaluate(chunks, ds, grid, cfg, act_shape=act_shape, dtype=dtype)
             rec["val_loss"] = v
             val_losses.append((step + 1, v))
         losses.append(loss)
@@ -188,7 +228,7 @@ def train(cfg: Config, *, stream=None) -> dict:
 
     summary = {"losses": losses, "val_losses": val_losses, "sample": None,
                "state_bytes": opt.state_bytes()}
-    model = _gather_model(stage, grid, cfg)  # collective: every rank takes part
+    model = _gather_model(chunks, grid, cfg)  # collective: every rank takes part
     if is_rank0 and model is not None:
         try:
             from safetensors.torch import save_file
