@@ -236,17 +236,22 @@ class Checkpointer:
 
     Args:
         cfg: the run's `Config` (`run.out`, `run.save_every`, `run.resume`, layout).
-        grid: the rank grid; stage: this rank's `StageModel`; opt: its optimizer;
+        grid: the rank grid.
+        chunks: this rank's `StageModel`s (one, or the virtual stages of the interleaved
+            schedule); model: the module the optimizer was built on (the chunk itself, or a
+            `ModuleList` of the chunks); opt: its optimizer.
         sampler: the data sampler; scaler: the trainer's `LossScaler` or None.
         keep: how many complete checkpoints to keep (older ones are deleted).
+        stream: where rank 0 reports saves and loads (default stderr).
     """
 
-    def __init__(self, cfg, grid, stage, opt, sampler, scaler=None, *, keep: int = 3,
-                 log=None):
-        self.cfg, self.grid, self.stage, self.opt = cfg, grid, stage, opt
+    def __init__(self, cfg, grid, chunks, model, opt, sampler, scaler=None, *,
+                 keep: int = 3, stream=None):
+        self.cfg, self.grid, self.chunks, self.stage, self.opt = cfg, grid, chunks, model, opt
         self.sampler, self.scaler, self.keep = sampler, scaler, keep
+        self.prefixes = [""] if len(chunks) == 1 else [f"{c}." for c in range(len(chunks))]
         self.root = Path(cfg.run.out) / "checkpoints"
-        self.log = log or (lambda s: print(s, file=sys.stderr, flush=True))
+        self.log = lambda s: print(s, file=stream or sys.stderr, flush=True)
         self.writer = grid.dp_rank == 0 and grid.tp_rank == 0  # one writer per stage
         pids = Path(cfg.run.out) / "pids"  # so that operators (and tests) can find a rank
         pids.mkdir(parents=True, exist_ok=True)
@@ -275,19 +280,19 @@ class Checkpointer:
         t0 = time.perf_counter()
         if self.grid.rank == 0:
             self.root.mkdir(parents=True, exist_ok=True)
-            if tmp.exists():  # left by a crash while saving: never complete, never read
-                shutil.rmtree(tmp)
+            for stale in self.root.glob(".tmp-step_*"):  # left by a crash while saving
+                shutil.rmtree(stale)  # never complete, never read
             tmp.mkdir()
             (tmp / "rng").mkdir()
         self._barrier()
-        local = {n: p for n, p in self.stage.named_parameters()}
         state, extra = _optimizer_full_state(self.opt, self.stage)
         sd: dict[str, torch.Tensor] = {}
         for key in KEYS:
-            full = to_logical(self.stage, state[key])  # collective over TP
-            if self.writer:
-                sd.update({f"{key}/{n}": t.cpu() for n, t in full.items()})
-        del local
+            for chunk, pre in zip(self.chunks, self.prefixes):
+                mine = {n[len(pre):]: t for n, t in state[key].items() if n.startswith(pre)}
+                full = to_logical(chunk, mine)  # collective over TP
+                if self.writer:
+                    sd.update({f"{key}/{n}": t.cpu() for n, t in full.items()})
         dcp.save(sd, checkpoint_id=str(tmp), no_dist=not dist.is_initialized())
         torch.save(_rng_state(), tmp / "rng" / f"rank_{self.grid.rank:05d}.pt")
         if self.grid.rank == 0:
@@ -296,7 +301,7 @@ class Checkpointer:
             torch.save(ts, tmp / "trainer_state.pt")
         self._barrier()
         if self.grid.rank == 0:
-            _maybe_fail_for_test("before-manifest")
+            _maybe_fail_for_test(step)
             _fsync_tree(tmp)
             files = {str(p.relative_to(tmp)): {"bytes": p.stat().st_size, "sha256": _sha256(p)}
                      for p in sorted(tmp.rglob("*")) if p.is_file()}
@@ -336,14 +341,16 @@ class Checkpointer:
         import torch.distributed.checkpoint as dcp
 
         manifest = json.loads((Path(path) / "manifest.json").read_text())
-        shapes = logical_shapes(self.stage)
+        shapes = {n: s for c in self.chunks for n, s in logical_shapes(c).items()}
         sd = {f"{k}/{n}": torch.empty(s, dtype=torch.float32) for k in KEYS
               for n, s in shapes.items()}
         dcp.load(sd, checkpoint_id=str(path), no_dist=not dist.is_initialized())
         dev = next(self.stage.parameters()).device
-        state = {k: {n: t.to(dev) for n, t in
-                     from_logical(self.stage, {n: sd[f"{k}/{n}"] for n in shapes}).items()}
-                 for k in KEYS}
+        state: dict[str, dict[str, torch.Tensor]] = {k: {} for k in KEYS}
+        for k in KEYS:
+            full = {n: sd[f"{k}/{n}"] for n in shapes}
+            for chunk, pre in zip(self.chunks, self.prefixes):
+                state[k].update({pre + n: t.to(dev) for n, t in from_logical(chunk, full).items()})
         ts = torch.load(Path(path) / "trainer_state.pt", weights_only=False)
         _optimizer_load_full(self.opt, self.stage, state, ts["optimizer"])
         self.sampler.load_state_dict(ts["sampler"])
@@ -362,7 +369,8 @@ class Checkpointer:
         return int(ts["step"])
 
 
-def _maybe_fail_for_test(point: str) -> None:
-    """Fault injection: `HAILLM_CKPT_FAIL=before-manifest` raises while saving (tests)."""
-    if os.environ.get("HAILLM_CKPT_FAIL") == point:
-        raise OSError(f"injected failure while saving ({point})")
+def _maybe_fail_for_test(step: int) -> None:
+    """Fault injection for tests: `HAILLM_CKPT_FAIL=<step>` makes saving that step fail after
+    the tensors are written, before the manifest (a full disk or a crash at the worst time)."""
+    if os.environ.get("HAILLM_CKPT_FAIL") == str(step):
+        raise OSError(f"injected failure while saving checkpoint step {step}")

@@ -87,8 +87,6 @@ def train_main(argv: list[str] | None = None) -> int:
             return 0
         nproc = args.nproc or 1
         cfg.validate(nproc)
-        if cfg.run.resume:
-            raise NotImplementedError("--resume: checkpoints are not implemented yet (issue 10)")
         # tokenise once here, so that the ranks only read the cache (and a bad corpus path
         # fails before any rank starts)
         from haillm.trainer.data import build_dataset
@@ -100,9 +98,42 @@ def train_main(argv: list[str] | None = None) -> int:
             train(cfg)
         else:
             launch_local(cfg, nproc)
-    except (ConfigError, NotImplementedError) as e:
+    except (ConfigError, NotImplementedError, FloatingPointError) as e:
         return _fail(str(e))
+    except Exception as e:  # a rank died: torch's launcher stopped the others
+        if type(e).__name__ != "ChildFailedError":
+            raise
+        return _fail(_rank_failure_message(e, Path(cfg.run.out)))
     return 0
+
+
+def _rank_failure_message(err, out: Path) -> str:
+    """`ChildFailedError` -> which rank died and how, and how to continue."""
+    import signal
+
+    from haillm.trainer.checkpoint import latest_checkpoint
+
+    parts = []
+    for rank, f in sorted(getattr(err, "failures", {}).items()):
+        code = getattr(f, "exitcode", None)
+        if code is not None and code < 0:
+            try:
+                how = f"was killed by signal {signal.Signals(-code).name}"
+            except ValueError:
+                how = f"was killed by signal {-code}"
+        else:
+            how = f"exited with code {code}"
+            msg = getattr(f, "message", "") or ""
+            if isinstance(msg, dict):
+                msg = msg.get("message", {}).get("message", "") if msg else ""
+            last = str(msg).strip().splitlines()[-1:] if msg else []
+            if last:
+                how += f" ({last[0]})"
+        parts.append(f"rank {rank} (pid {getattr(f, 'pid', '?')}) {how}")
+    found = latest_checkpoint(out / "checkpoints")
+    nxt = (f"continue from {found[0]} (step {found[1]['step']}) with --resume" if found else
+           "no complete checkpoint to resume from (use --save-every N)")
+    return "; ".join(parts or ["a rank failed"]) + f"; the launcher stopped the run; {nxt}"
 
 
 def generate_main(argv: list[str] | None = None) -> int:

@@ -59,7 +59,7 @@ def logical_shapes(stage) -> dict[str, tuple[int, ...]]:
            "attn.wo.weight": (d, c.n_heads * hd), "mlp.w_gate.weight": (f, d),
            "mlp.w_up.weight": (f, d), "mlp.w_down.weight": (d, f)}
     out = {}
-    for kind, names in stage_rules(stage).values():
+    for _kind, names in stage_rules(stage).values():
         for n in names:
             out[n] = shapes.get(n) or per[n.split(".", 2)[2]]
     return out

@@ -19,6 +19,7 @@ from pathlib import Path
 import torch
 import torch.distributed as dist
 
+from haillm.trainer.checkpoint import Checkpointer
 from haillm.trainer.config import Config, ConfigError, dump_toml
 from haillm.trainer.data import Sampler, build_dataset
 from haillm.trainer.grid import Grid
@@ -110,8 +111,6 @@ def train(cfg: Config, *, stream=None) -> dict:
     grid = Grid.build(p.dp, p.tp, p.pp)
     out = Path(cfg.run.out)
     is_rank0 = grid.rank == 0
-    if cfg.run.resume:
-        raise NotImplementedError("--resume: checkpoints are not implemented yet (issue 10)")
     if is_rank0:
         out.mkdir(parents=True, exist_ok=True)
         (out / "config.toml").write_text(dump_toml(cfg), encoding="utf-8")
@@ -165,6 +164,8 @@ def train(cfg: Config, *, stream=None) -> dict:
                                            grid.pp_rank)
         sched_src = "trainer executor, schedule: " + sched_src
     sampler = Sampler(ds.n_train, t.global_batch, t.seed)
+    ckpt = Checkpointer(cfg, grid, chunks, stage, opt, sampler, scaler, stream=stream)
+    start = ckpt.resume() if cfg.run.resume else 0  # reshards if the layout changed
 
     tokens_per_step = t.global_batch * m.seq_len
     flops_step = flops_per_token(m) * tokens_per_step
@@ -186,7 +187,7 @@ def train(cfg: Config, *, stream=None) -> dict:
     losses: list[float] = []
     val_losses: list[tuple[int, float]] = []
     last = t.steps if not cfg.run.exit_after else min(cfg.run.exit_after, t.steps)
-    for step in range(last):
+    for step in range(start, last):
         t0 = time.perf_counter()
         opt.comm_time = 0.0
         times = StepTimes()
@@ -210,6 +211,9 @@ def train(cfg: Config, *, stream=None) -> dict:
         loss = _world_sum(mine, grid) / p.dp
         if not math.isfinite(loss) and t.precision != "fp16":
             raise FloatingPointError(f"non-finite loss {loss} at step {step + 1}")
+        if found_inf and t.precision != "fp16":  # no loss scaler to back off: stop, don't skip
+            raise FloatingPointError(f"non-finite gradient norm {gnorm} at step {step + 1} "
+                                     f"({t.precision}: only fp16 skips such steps)")
         dt = time.perf_counter() - t0
         rec = {"step": step + 1, "loss": loss, "lr": lr, "grad_norm": gnorm,
                "tokens_per_s": tokens_per_step / dt, "mfu": flops_step / dt / peak,
@@ -224,6 +228,11 @@ def train(cfg: Config, *, stream=None) -> dict:
             val_losses.append((step + 1, v))
         losses.append(loss)
         log.log(rec)
+        if found_inf and is_rank0:
+            print(f"haillm-train: step {step + 1}: non-finite gradients, update skipped "
+                  f"(loss scale now {rec.get('loss_scale')})", file=stream, flush=True)
+        if ckpt.should_save(step + 1, last):
+            ckpt.save(step + 1)
     log.close()
 
     summary = {"losses": losses, "val_losses": val_losses, "sample": None,
