@@ -341,6 +341,12 @@ class Checkpointer:
         import torch.distributed.checkpoint as dcp
 
         manifest = json.loads((Path(path) / "manifest.json").read_text())
+        saved_model, model = manifest["config"]["model"], self.cfg.to_dict()["model"]
+        diff = [f"{k} ({saved_model.get(k)} saved, {v} now)" for k, v in model.items()
+                if k in ("vocab_size", "hidden_size", "n_layers", "n_heads", "n_kv_heads",
+                         "intermediate_size") and saved_model.get(k) != v]
+        if diff:
+            raise CheckpointError(f"{path} holds another model: " + ", ".join(diff))
         shapes = {n: s for c in self.chunks for n, s in logical_shapes(c).items()}
         sd = {f"{k}/{n}": torch.empty(s, dtype=torch.float32) for k in KEYS
               for n, s in shapes.items()}
