@@ -1,0 +1,54 @@
+"""A rank killed with SIGKILL mid-run: the launcher stops the run with a clear message, and
+`--resume` continues from the last complete checkpoint."""
+
+from __future__ import annotations
+
+import os
+import signal
+import subprocess
+import sys
+import time
+
+from haillm.trainer.checkpoint import checkpoints, verify_checkpoint
+from tests.trainer.ckpt_common import make_corpus
+
+
+def _cmd(corpus, out, *extra):
+    return [sys.executable, "-m", "haillm.trainer.cli", "--preset", "micro", "--nproc", "2",
+            "--dp", "2", "--precision", "fp32", "--out", str(out),
+            "--set", f"data.corpus={corpus}", "--set", "data.val_fraction=0",
+            "--set", "train.eval_every=0", "--set", "run.sample_tokens=0",
+            "--set", "run.tensorboard=false", "--set", "parallel.microbatches=2", *extra]
+
+
+def test_killed_rank_stops_run_and_resume_continues(tmp_path):
+    corpus = make_corpus(tmp_path / "tokens.bin")
+    out = tmp_path / "run"
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    proc = subprocess.Popen(_cmd(corpus, out, "--steps", "100000", "--save-every", "2"),
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env)
+    try:
+        deadline = time.time() + 120
+        while time.time() < deadline and not checkpoints(out / "checkpoints"):
+            assert proc.poll() is None, proc.communicate()
+            time.sleep(0.2)
+        assert checkpoints(out / "checkpoints"), "no checkpoint within 2 minutes"
+        pid = int((out / "pids" / "rank_00001").read_text())
+        os.kill(pid, signal.SIGKILL)
+        _, err = proc.communicate(timeout=120)
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+    assert proc.returncode == 2, err[-3000:]
+    assert "rank 1" in err and "killed by signal SIGKILL" in err, err[-3000:]
+    assert "the launcher stopped the run" in err and "with --resume" in err
+    # every renamed checkpoint is complete and intact; the newest is what --resume takes
+    newest = checkpoints(out / "checkpoints")[-1]
+    step = verify_checkpoint(newest)["step"]
+    res = subprocess.run(_cmd(corpus, out, "--steps", "100000", "--resume", "--exit-after",
+                              str(step + 2)), capture_output=True, text=True, env=env,
+                         timeout=300)
+    assert res.returncode == 0, res.stderr[-3000:]
+    both = res.stdout + res.stderr
+    assert f"resumed from {newest} at step {step}" in both
+    assert verify_checkpoint(checkpoints(out / "checkpoints")[-1])["step"] == step + 2
