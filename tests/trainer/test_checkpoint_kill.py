@@ -13,9 +13,9 @@ from haillm.trainer.checkpoint import checkpoints, verify_checkpoint
 from tests.trainer.ckpt_common import make_corpus
 
 
-def _cmd(corpus, out, *extra):
-    return [sys.executable, "-m", "haillm.trainer.cli", "--preset", "micro", "--nproc", "2",
-            "--dp", "2", "--precision", "fp32", "--out", str(out),
+def _cmd(corpus, out, *extra, nproc=2):
+    return [sys.executable, "-m", "haillm.trainer.cli", "--preset", "micro", "--nproc",
+            str(nproc), "--dp", str(nproc), "--precision", "fp32", "--out", str(out),
             "--set", f"data.corpus={corpus}", "--set", "data.val_fraction=0",
             "--set", "train.eval_every=0", "--set", "run.sample_tokens=0",
             "--set", "run.tensorboard=false", "--set", "parallel.microbatches=2", *extra]
@@ -43,12 +43,13 @@ def test_killed_rank_stops_run_and_resume_continues(tmp_path):
     assert "rank 1" in err and "killed by signal SIGKILL" in err, err[-3000:]
     assert "the launcher stopped the run" in err and "with --resume" in err
     # every renamed checkpoint is complete and intact; the newest is what --resume takes
+    # (here in one process: the resume reshards dp=2 -> 1, and starts without a launcher)
     newest = checkpoints(out / "checkpoints")[-1]
     step = verify_checkpoint(newest)["step"]
     res = subprocess.run(_cmd(corpus, out, "--steps", "100000", "--resume", "--exit-after",
-                              str(step + 2)), capture_output=True, text=True, env=env,
+                              str(step + 2), nproc=1), capture_output=True, text=True, env=env,
                          timeout=300)
     assert res.returncode == 0, res.stderr[-3000:]
     both = res.stdout + res.stderr
-    assert f"resumed from {newest} at step {step}" in both
+    assert f"resumed from {newest} at step {step} (resharded from dp=2" in both
     assert verify_checkpoint(checkpoints(out / "checkpoints")[-1])["step"] == step + 2

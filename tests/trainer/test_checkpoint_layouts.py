@@ -12,6 +12,7 @@ import torch
 
 from haillm.trainer import train
 from haillm.trainer.checkpoint import CheckpointError, load_logical
+from haillm.trainer.generate import load_model
 from tests.helpers import run_distributed
 from tests.trainer.ckpt_common import make_corpus, run_cfg
 
@@ -75,6 +76,10 @@ def test_resume_same_and_other_layouts(tmp_path):
         assert man["step"] == STEPS
         for name, t in ref.items():
             torch.testing.assert_close(got[name], t, rtol=0, atol=2e-4, msg=f"{run} {name}")
+    # haillm-generate's loader: the (2,2,1) checkpoint in one process, as a whole model
+    model, cfg, _ = load_model(tmp_path / "b")
+    assert cfg.parallel.tp == 2 and model.embed.weight.shape == (512, 32)
+    torch.testing.assert_close(model.head.weight, ref["head.weight"], rtol=0, atol=2e-4)
     moved = max((ref[n] - start[n]).abs().max().item() for n in ref)
     assert moved > 1e-2
 

@@ -1,0 +1,205 @@
+"""`haillm-generate`: sampling from a checkpoint of any layout, with a KV cache, in one process.
+
+Loading: a checkpoint stores every weight under its logical name and global shape (see
+`haillm.trainer.checkpoint`), so whatever (dp, tp, pp) layout trained it, one process reads
+the full tensors (`load_logical`, DCP without a process group) straight into a
+`reference.DeepSeekLM`. The unsharded `model.safetensors` export loads the same way.
+
+Decoding with a KV cache: the prompt goes through the model once (*prefill*), every layer
+keeping its keys and values (after RoPE) in a cache of shape (B, S_max, H_kv, D); each new
+token then costs one position per layer (*decode*): its query attends to the cached keys, so
+a step is O(S) instead of re-running the whole O(S^2) prefix (what
+`DeepSeekLM.generate`, the teaching version, does). When the context reaches the model's
+`seq_len`, the cache is rebuilt from the last `seq_len // 2` tokens (a sliding window).
+
+What the real servers add (vLLM, TensorRT-LLM): paged caches shared across requests,
+continuous batching, and fused decode-attention kernels.
+"""
+
+from __future__ import annotations
+
+import argparse
+from pathlib import Path
+
+import torch
+from einops import rearrange
+
+from haillm.trainer.config import Config, ModelConfig, apply_dict
+from haillm.trainer.reference import DeepSeekLM, apply_rope, rope_cache
+
+__all__ = ["KVCache", "export_safetensors", "forward_cached", "generate", "load_model",
+           "run_generate", "sample_next"]
+
+
+class KVCache:
+    """Keys and values of every layer: k[i], v[i] of shape (B, S_max, H_kv, D); `length` used."""
+
+    def __init__(self, cfg: ModelConfig, batch: int, max_len: int, dtype, device):
+        shape = (batch, max_len, cfg.n_kv_heads, cfg.head_dim)
+        self.k = [torch.zeros(shape, dtype=dtype, device=device) for _ in range(cfg.n_layers)]
+        self.v = [torch.zeros(shape, dtype=dtype, device=device) for _ in range(cfg.n_layers)]
+        self.length = 0
+
+
+def _attend(attn, x, cache: KVCache, layer: int, cos, sin):
+    """x (B, T, d) at positions [L, L+T) -> (B, T, d), appending its k, v to the cache."""
+    hd, start = attn.head_dim, cache.length
+    t = x.shape[1]
+    q = rearrange(attn.wq(x), "b t (h d) -> b t h d", d=hd)
+    k = rearrange(attn.wk(x), "b t (h d) -> b t h d", d=hd)
+    v = rearrange(attn.wv(x), "b t (h d) -> b t h d", d=hd)
+    q = apply_rope(q, cos[start:start + t], sin[start:start + t])
+    k = apply_rope(k, cos[start:start + t], sin[start:start + t])
+    cache.k[layer][:, start:start + t] = k
+    cache.v[layer][:, start:start + t] = v
+    keys, vals = cache.k[layer][:, :start + t], cache.v[layer][:, :start + t]  # (B, L+T, Hkv, D)
+    rep = attn.n_heads // attn.n_kv_heads
+    keys, vals = keys.repeat_interleave(rep, dim=2), vals.repeat_interleave(rep, dim=2)
+    scores = torch.einsum("bqhd,bkhd->bhqk", q.float(), keys.float()) / hd**0.5
+    # query i sits at position start + i: it sees keys 0 .. start + i
+    mask = torch.ones(t, start + t, dtype=torch.bool, device=x.device).triu(start + 1)
+    p = scores.masked_fill(mask, float("-inf")).softmax(-1)
+    o = torch.einsum("bhqk,bkhd->bqhd", p, vals.float()).to(x.dtype)
+    return attn.wo(rearrange(o, "b t h d -> b t (h d)"))
+
+
+@torch.no_grad()
+def forward_cached(model: DeepSeekLM, tokens: torch.Tensor, cache: KVCache, cos, sin):
+    """tokens (B, T) following the cache's `length` positions -> logits (B, T, V)."""
+    x = model.embed(tokens)
+    for i, blk in enumerate(model.layers):
+        x = x + _attend(blk.attn, blk.attn_norm(x), cache, i, cos, sin)
+        x = x + blk.mlp(blk.mlp_norm(x))
+    cache.length += tokens.shape[1]
+    return model.head(model.norm(x))
+
+
+def sample_next(logits: torch.Tensor, temperature: float, top_k: int,
+                generator: torch.Generator | None = None) -> torch.Tensor:
+    """logits (B, V) -> next tokens (B, 1): greedy at temperature 0, else top-k sampling."""
+    logits = logits.float()
+    if temperature <= 0:
+        return logits.argmax(-1, keepdim=True)
+    logits = logits / temperature
+    if top_k:
+        kth = logits.topk(min(top_k, logits.shape[-1])).values[:, -1:]
+        logits = logits.masked_fill(logits < kth, float("-inf"))
+    return torch.multinomial(logits.softmax(-1), 1, generator=generator)
+
+
+@torch.no_grad()
+def generate(model: DeepSeekLM, tokens: torch.Tensor, max_new_tokens: int, *,
+             temperature: float = 0.8, top_k: int = 20,
+             generator: torch.Generator | None = None) -> torch.Tensor:
+    """Continue `tokens` (B, S) by `max_new_tokens` tokens with a KV cache -> (B, S + new)."""
+    cfg = model.cfg
+    window = cfg.seq_len
+    p = next(model.parameters())
+    cos, sin = rope_cache(window, cfg.head_dim, cfg.rope_theta, p.device)
+    out = tokens[:, -window:]
+    cache = KVCache(cfg, tokens.shape[0], window, p.dtype, p.device)
+    logits = forward_cached(model, out, cache, cos, sin)[:, -1]  # prefill
+    result = [tokens]
+    for _ in range(max_new_tokens):
+        nxt = sample_next(logits, temperature, top_k, generator)
+        result.append(nxt)
+        out = torch.cat([out, nxt], dim=1)
+        if cache.length == window:  # full: slide, re-prefill the last half
+            out = out[:, -(window // 2):]
+            cache = KVCache(cfg, tokens.shape[0], window, p.dtype, p.device)
+            logits = forward_cached(model, out, cache, cos, sin)[:, -1]
+        else:
+            logits = forward_cached(model, nxt, cache, cos, sin)[:, -1]
+    return torch.cat(result, dim=1)
+
+
+def load_model(path: str | Path, *, dtype=torch.float32,
+               device="cpu") -> tuple[DeepSeekLM, Config, Path]:
+    """A full model from a checkpoint folder, a run folder or a `model.safetensors` export.
+
+    Returns (model in eval mode, the run's config, the run folder holding the tokenizer).
+    """
+    from haillm.trainer.checkpoint import load_logical
+    from haillm.trainer.config import load_config
+
+    path = Path(path)
+    if path.suffix == ".safetensors" or (path.is_dir() and not (path / "checkpoints").is_dir()
+                                         and (path / "model.safetensors").is_file()
+                                         and not (path / "manifest.json").is_file()):
+        file = path if path.suffix == ".safetensors" else path / "model.safetensors"
+        if not file.is_file():
+            raise FileNotFoundError(f"{file} does not exist")
+        import json
+
+        from safetensors import safe_open
+        from safetensors.torch import load_file
+
+        run = file.parent
+        with safe_open(str(file), "pt") as f:
+            meta = f.metadata() or {}
+        if "config" in meta:  # our export carries the run's config
+            cfg = apply_dict(Config(), json.loads(meta["config"]), source=str(file))
+        else:  # the trainer's end-of-run model.safetensors sits next to config.toml
+            cfg = load_config(None, str(run / "config.toml"))
+        state = load_file(str(file))
+    else:
+        if not path.exists():
+            raise FileNotFoundError(f"{path} does not exist")
+        state, manifest = load_logical(path)
+        cfg = apply_dict(Config(), manifest["config"], source="checkpoint manifest")
+        run = Path(cfg.run.out) if (Path(cfg.run.out) / "config.toml").is_file() else path
+        for cand in (path, path.parent, path.parent.parent):
+            if (cand / "tokenizer.json").is_file():
+                run = cand
+    model = DeepSeekLM(cfg.model)
+    model.load_state_dict(state)
+    return model.to(device=device, dtype=dtype).eval(), cfg, run
+
+
+def export_safetensors(checkpoint: str | Path, file: str | Path) -> Path:
+    """Write a checkpoint's weights (fp32 master, logical names) as one unsharded file."""
+    import json
+
+    from safetensors.torch import save_file
+
+    from haillm.trainer.checkpoint import load_logical
+
+    state, manifest = load_logical(checkpoint)
+    file = Path(file)
+    save_file({k: v.contiguous() for k, v in state.items()}, str(file),
+              metadata={"step": str(manifest["step"]), "format": "haillm DeepSeekLM",
+                        "config": json.dumps(manifest["config"])})
+    return file
+
+
+def generate_parser() -> argparse.ArgumentParser:
+    ap = argparse.ArgumentParser(prog="haillm-generate", description="Sample text from a "
+                                 "checkpoint (any training layout) or a safetensors export.")
+    ap.add_argument("--checkpoint", required=True, metavar="DIR", help="a checkpoint folder, a "
+                    "run folder (its newest complete checkpoint) or a model.safetensors file")
+    ap.add_argument("--prompt", required=True, metavar="TEXT")
+    ap.add_argument("--max-new-tokens", type=int, default=64)
+    ap.add_argument("--temperature", type=float, default=0.8, help="0: greedy")
+    ap.add_argument("--top-k", type=int, default=20, help="0: the whole vocabulary")
+    ap.add_argument("--seed", type=int, default=0)
+    ap.add_argument("--tokenizer", default=None, help="tokenizer.json (default: the run's)")
+    return ap
+
+
+def run_generate(argv: list[str] | None = None) -> str:
+    """Parse `haillm-generate` arguments, load, sample; returns the text."""
+    from tokenizers import Tokenizer
+
+    a = generate_parser().parse_args(argv)
+    if a.max_new_tokens < 0:
+        raise ValueError(f"--max-new-tokens must be >= 0, got {a.max_new_tokens}")
+    model, cfg, run = load_model(a.checkpoint)
+    tok_file = Path(a.tokenizer or cfg.data.tokenizer or run / "tokenizer.json")
+    if not tok_file.is_file():
+        raise FileNotFoundError(f"no tokenizer at {tok_file} (pass --tokenizer FILE)")
+    tok = Tokenizer.from_file(str(tok_file))
+    ids = tok.encode(a.prompt).ids or [0]
+    g = torch.Generator().manual_seed(a.seed)
+    out = generate(model, torch.tensor([ids]), a.max_new_tokens, temperature=a.temperature,
+                   top_k=a.top_k, generator=g)
+    return tok.decode(out[0].tolist())

@@ -1,0 +1,90 @@
+"""haillm-generate: the KV-cached decode equals the training model's greedy decode."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from haillm.trainer import DeepSeekLM, StageModel, load_config, train
+from haillm.trainer.cli import generate_main
+from haillm.trainer.data import load_or_train_tokenizer
+from haillm.trainer.generate import (
+    KVCache,
+    export_safetensors,
+    forward_cached,
+    generate,
+    load_model,
+)
+from haillm.trainer.grid import Grid
+from haillm.trainer.ops import Ops
+from haillm.trainer.reference import rope_cache
+from tests.trainer.ckpt_common import make_corpus, run_cfg
+
+
+@pytest.mark.parametrize("prompt_len", [1, 5, 11])
+def test_kv_cache_logits_match_full_forward(prompt_len):
+    cfg = load_config("micro").model  # GQA: 4 query heads, 2 kv heads
+    model = DeepSeekLM(cfg, seed=3).eval()
+    g = torch.Generator().manual_seed(prompt_len)
+    toks = torch.randint(0, cfg.vocab_size, (2, cfg.seq_len), generator=g)
+    full = model(toks)  # (B, S, V) without cache
+    cos, sin = rope_cache(cfg.seq_len, cfg.head_dim, cfg.rope_theta)
+    cache = KVCache(cfg, 2, cfg.seq_len, torch.float32, "cpu")
+    parts = [forward_cached(model, toks[:, :prompt_len], cache, cos, sin)]
+    for i in range(prompt_len, cfg.seq_len):  # then one token at a time
+        parts.append(forward_cached(model, toks[:, i:i + 1], cache, cos, sin))
+    torch.testing.assert_close(torch.cat(parts, 1), full, rtol=1e-5, atol=1e-5)
+
+
+def _greedy_training_model(stage: StageModel, prompt: torch.Tensor, n: int) -> torch.Tensor:
+    """Greedy decode with the training-layout model, no cache: the whole prefix each step."""
+    toks = prompt
+    for _ in range(n):
+        logits = stage(toks).view(toks.shape[0], toks.shape[1], -1)  # (B, S, V)
+        toks = torch.cat([toks, logits[:, -1].argmax(-1, keepdim=True)], 1)
+    return toks
+
+
+def test_generate_from_checkpoint_equals_training_model_greedy(tmp_path):
+    torch.set_num_threads(1)
+    corpus = make_corpus(tmp_path / "tokens.bin")
+    out = tmp_path / "run"
+    cfg = run_cfg(corpus, out, steps=3)
+    train(cfg)
+    # the training model as the trainer builds it, with the trained weights
+    model, _, _ = load_model(out)  # the run folder: its newest complete checkpoint
+    stage = StageModel(model, range(cfg.model.n_layers), Grid.build(1, 1, 1),
+                       Ops(cfg.parallel, warn=False), first=True, last=True,
+                       sequence_parallel=False)
+    prompt = torch.tensor([[5, 17, 300, 2]])
+    n = cfg.model.seq_len - prompt.shape[1]  # up to the full context
+    with torch.no_grad():
+        expected = _greedy_training_model(stage, prompt, n)
+    got = generate(model, prompt, n, temperature=0)
+    assert torch.equal(got, expected)
+    # past the context window: still runs (sliding window), and sampling is seeded
+    g1, g2 = (torch.Generator().manual_seed(0) for _ in range(2))
+    a = generate(model, prompt, 40, temperature=0.8, top_k=5, generator=g1)
+    b = generate(model, prompt, 40, temperature=0.8, top_k=5, generator=g2)
+    assert a.shape == (1, 44) and torch.equal(a, b)
+    # the unsharded export and the run's own model.safetensors load to the same weights
+    f = export_safetensors(out, tmp_path / "export.safetensors")
+    exported, _, _ = load_model(f)
+    for (k, v), (k2, v2) in zip(model.state_dict().items(), exported.state_dict().items()):
+        assert k == k2 and torch.equal(v, v2)
+    final, _, _ = load_model(out / "model.safetensors")
+    torch.testing.assert_close(final.state_dict(), model.state_dict())
+
+
+def test_generate_cli(tmp_path, capsys):
+    corpus = make_corpus(tmp_path / "tokens.bin")
+    out = tmp_path / "run"
+    train(run_cfg(corpus, out, steps=1))
+    docs = ["def f(x):\n    return x + 1\n" * 20, "class A:\n    pass\n" * 20]
+    load_or_train_tokenizer(docs, 512, out / "tokenizer.json")
+    capsys.readouterr()
+    assert generate_main(["--checkpoint", str(out), "--prompt", "def ",
+                          "--max-new-tokens", "6"]) == 0
+    assert capsys.readouterr().out.startswith("def ")
+    assert generate_main(["--checkpoint", str(tmp_path / "nope"), "--prompt", "x"]) == 2
+    assert "does not exist" in capsys.readouterr().err
