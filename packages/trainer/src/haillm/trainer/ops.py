@@ -140,6 +140,29 @@ class Ops:
                                       "haillm.parallel", "vocab_parallel_cross_entropy",
                                       plain_vocab_parallel_cross_entropy, "tp = 1")
 
+        # tensor-parallel layers: haillm.parallel's Column/RowParallelLinear when installed
+        self.tp_layers = None
+        self.tp_overlap = p.tp_comm_overlap
+        if p.tp > 1 and p.tp_layers in ("auto", "package"):
+            col = _find("haillm.parallel", "ColumnParallelLinear")
+            row = _find("haillm.parallel", "RowParallelLinear")
+            if col is not None and row is not None:
+                self.tp_layers = (col, row)
+                self.wiring["tp layers"] = ("haillm.parallel Column/RowParallelLinear (merged QKV, "
+                                            f"comm overlap {'on' if p.tp_comm_overlap else 'off'})"
+                                            " + trainer SP regions around linear_swiglu")
+            elif p.tp_layers == "package":
+                raise ImportError("parallel.tp_layers=package but haillm.parallel has no "
+                                  "ColumnParallelLinear")
+            else:
+                self.wiring["tp layers"] = "fallback: trainer TP/SP regions (haillm.parallel " \
+                                           "layers missing)"
+                if warn:
+                    warnings.warn("haillm.parallel.ColumnParallelLinear is not available; the "
+                                  "trainer uses its own TP/SP regions", stacklevel=2)
+        elif p.tp > 1:
+            self.wiring["tp layers"] = "trainer TP/SP regions"
+
     def attn(self, q, k, v):
         """Causal attention (B, S, H, D) with the configured impl."""
         if self.attention is plain_attention:
