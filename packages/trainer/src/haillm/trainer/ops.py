@@ -111,6 +111,7 @@ class Ops:
     def __init__(self, p: ParallelConfig, *, warn: bool = True):
         self.wiring: dict[str, str] = {}
         self.attention_impl = p.attention
+        missing: list[str] = []
 
         def pick(key, on, module, name, fallback, off_note):
             if not on:
@@ -119,9 +120,7 @@ class Ops:
             fn = _find(module, name)
             if fn is None:
                 self.wiring[key] = f"fallback: trainer plain PyTorch ({module}.{name} missing)"
-                if warn:
-                    warnings.warn(f"{module}.{name} is not available; the trainer uses its "
-                                  "plain-PyTorch fallback", stacklevel=3)
+                missing.append(f"{module}.{name}")
                 return fallback
             self.wiring[key] = f"{module}.{name}"
             return fn
@@ -140,6 +139,9 @@ class Ops:
                                       "haillm.parallel", "vocab_parallel_cross_entropy",
                                       plain_vocab_parallel_cross_entropy, "tp = 1")
 
+        if missing and warn:
+            warnings.warn(f"not installed, the trainer runs its plain-PyTorch fallback instead: "
+                          f"{', '.join(missing)}", stacklevel=2)
         # tensor-parallel layers: haillm.parallel's Column/RowParallelLinear when installed
         self.tp_layers = None
         self.tp_overlap = p.tp_comm_overlap
