@@ -1,6 +1,7 @@
 """haillm.fusedops: fused LayerNorm/RMSNorm, fused AdamW, in-place cross-entropy, fused GEMMs."""
 
 from haillm.fusedops.adamw_reference import adamw_step_reference_
+from haillm.fusedops.gemm import MergedLinear, SwiGLUMLP, linear_residual, linear_swiglu
 
 
 def adamw_step_(param, grad, exp_avg, exp_avg_sq, *, step, lr, beta1, beta2, eps, weight_decay,
@@ -17,3 +18,4 @@ def adamw_step_(param, grad, exp_avg, exp_avg_sq, *, step, lr, beta1, beta2, eps
 
 
 __all__ = ["adamw_step_", "adamw_step_reference_"]
+__all__ += ["MergedLinear", "SwiGLUMLP", "linear_residual", "linear_swiglu"]
