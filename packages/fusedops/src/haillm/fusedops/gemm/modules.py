@@ -68,12 +68,21 @@ class MergedLinear(nn.Module):
         """(..., in_features) -> (..., sum(out_features)): one GEMM for all parts."""
         return F.linear(x, self.weight, self.bias)
 
-    def split(self, out: torch.Tensor) -> tuple[torch.Tensor, ...]:
-        """Cut a merged output (..., sum(out_features)) into its parts (views, no copy)."""
-        if out.shape[-1] != sum(self.out_features):
-            raise ValueError(f"expected last dim {sum(self.out_features)} (= sum of "
-                             f"{self.out_features}), got {out.shape[-1]}")
-        return torch.split(out, self.out_features, dim=-1)
+    def split(self, out: torch.Tensor, dim: int = -1) -> tuple[torch.Tensor, ...]:
+        """Cut a merged tensor into its parts along ``dim`` (views, no copy).
+
+        Args:
+            out: (..., sum(out_features)) merged output; or, with ``dim=0``, the weight
+                (sum(out_features), K) or bias.
+            dim: the merged dimension.
+
+        Returns:
+            One tensor per part, (..., out_features[i]).
+        """
+        if out.shape[dim] != sum(self.out_features):
+            raise ValueError(f"expected dim {dim} of size {sum(self.out_features)} (= sum of "
+                             f"{self.out_features}), got {out.shape[dim]}")
+        return torch.split(out, self.out_features, dim=dim)
 
     def forward_split(self, x: torch.Tensor) -> tuple[torch.Tensor, ...]:
         """``split(forward(x))``: the parts, each (..., out_features[i])."""
@@ -137,8 +146,8 @@ class MergedLinear(nn.Module):
         """This (unsharded) layer's column-parallel slice for rank ``tp_rank`` of ``tp_size``."""
         if self.tp_size != 1:
             raise ValueError("shard() expects an unsharded MergedLinear (tp_size == 1)")
-        parts = self.split(self.weight)
-        biases = self.split(self.bias) if self.bias is not None else [None] * len(parts)
+        parts = self.split(self.weight, dim=0)  # (o_i, K) each
+        biases = self.split(self.bias, dim=0) if self.bias is not None else [None] * len(parts)
         linears = []
         for w, b in zip(parts, biases):
             lin = nn.Linear(self.in_features, w.shape[0], bias=b is not None,
