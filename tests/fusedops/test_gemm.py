@@ -278,3 +278,17 @@ def test_swiglu_mlp_equals_separate_layers(impl):
     x, res = torch.randn(3, 7, 12, device=dev), torch.randn(3, 7, 12, device=dev)
     assert_close(mlp(x), down(separate_swiglu(x, gate, up)), dtype=torch.float32)
     assert_close(mlp(x, res), down(separate_swiglu(x, gate, up)) + res, dtype=torch.float32)
+
+
+@needs_triton
+def test_triton_backward_with_broadcast_grad():
+    # y.sum().backward() hands the backward an expanded dy with stride 0 in every dim
+    dev = "cuda" if torch.cuda.is_available() else "cpu"
+    x, w, _ = make_case((6, 3), 10, 17, torch.float32, 5, dev)
+    got = run_swiglu(x, w, torch.ones(6, 3, 10, device=dev).expand(6, 3, 10), "triton")
+    x1, w1 = x.clone().requires_grad_(), w.clone().requires_grad_()
+    linear_swiglu(x1, w1, impl="triton").sum().backward()
+    assert_close(x1.grad, got[1], dtype=torch.float32)
+    assert_close(w1.grad, got[2], dtype=torch.float32)
+    want = truth_swiglu(x, w, torch.ones(6, 3, 10, dtype=torch.float64, device=dev))
+    assert_close(x1.grad, want[1], dtype=torch.float32)

@@ -44,18 +44,24 @@ def _interpreting() -> bool:
     return os.environ.get("TRITON_INTERPRET", "0") == "1"
 
 
-def _autotune_configs(two_accumulators: bool):
+def _autotune_configs(two_accumulators: bool, fp32: bool = False):
     """Tile configurations. The interpreter takes exactly one (autotune with >= 2 fails there).
 
-    On a GPU (Hopper-class: 228 KB shared memory per SM) a handful of large tiles; the dual
-    GEMM holds two fp32 accumulators, i.e. its effective tile is BLOCK_M x (2 * BLOCK_N).
+    On a GPU (Hopper-class: 227 KB of shared memory per block) a handful of large tiles for
+    bf16/fp16 (tensor-core wgmma; the dual GEMM holds two fp32 accumulators, so its effective
+    tile is BLOCK_M x 2*BLOCK_N; 3-4 stages of (BM + 2 BN) x BK x 2 bytes fit). fp32 inputs
+    (IEEE products, no tensor cores: a correctness path, not a fast one) get one small tile:
+    a 128x128x64 fp32 tile needs 192 KB of shared memory and compiles for half a minute.
     ``HAILLM_GEMM_AUTOTUNE=0`` pins the first config (quick compiles in GPU tests).
     """
     C = triton.Config
     if _interpreting():
         return [C(dict(BLOCK_M=32, BLOCK_N=32, BLOCK_K=32, GROUP_M=4), num_warps=4,
                   num_stages=1)]
-    if two_accumulators:  # per stage: (BM + 2 BN) x BK x 2 bytes in bf16
+    if fp32:
+        return [C(dict(BLOCK_M=64, BLOCK_N=64, BLOCK_K=32, GROUP_M=8), num_warps=4,
+                  num_stages=3)]
+    if two_accumulators:
         configs = [
             C(dict(BLOCK_M=128, BLOCK_N=128, BLOCK_K=64, GROUP_M=8), num_warps=8, num_stages=3),
             C(dict(BLOCK_M=128, BLOCK_N=128, BLOCK_K=64, GROUP_M=8), num_warps=8, num_stages=4),
@@ -75,13 +81,15 @@ def _autotune_configs(two_accumulators: bool):
 
 
 if HAS_TRITON:
-    # Tuned per (N, K) (and dtype): the token count M changes every batch, the layer shapes don't.
-    _swiglu_fwd = triton.autotune(_autotune_configs(True), key=["N", "K"])(
-        kernels.linear_swiglu_fwd_kernel)
-    _swiglu_bwd = triton.autotune(_autotune_configs(True), key=["N", "K"])(
-        kernels.linear_swiglu_bwd_kernel)
-    _residual_fwd = triton.autotune(_autotune_configs(False), key=["N", "K"])(
-        kernels.linear_residual_fwd_kernel)
+    # Tuned per (N, K) (and dtype): the token count M changes every batch, the layer shapes
+    # don't. One autotuner per (kernel, fp32 or not): {False: 16-bit, True: fp32}.
+    def _tuned(kernel, two_accumulators):
+        return {fp32: triton.autotune(_autotune_configs(two_accumulators, fp32),
+                                      key=["N", "K"])(kernel) for fp32 in (False, True)}
+
+    _swiglu_fwd = _tuned(kernels.linear_swiglu_fwd_kernel, True)
+    _swiglu_bwd = _tuned(kernels.linear_swiglu_bwd_kernel, True)
+    _residual_fwd = _tuned(kernels.linear_residual_fwd_kernel, False)
 
 
 def _grid(M: int, N: int):
@@ -98,9 +106,10 @@ def swiglu_fwd_triton(x: torch.Tensor, w: torch.Tensor) -> torch.Tensor:
         return y
     if K == 0:
         return y.zero_()  # silu(0) * 0
-    _swiglu_fwd[_grid(M, N)](x, w, y, M, N, K, x.stride(0), x.stride(1), w.stride(0),
-                             w.stride(1), y.stride(0), y.stride(1),
-                             IEEE=x.dtype == torch.float32)
+    fp32 = x.dtype == torch.float32
+    _swiglu_fwd[fp32][_grid(M, N)](
+        x, w, y, M, N, K, x.stride(0), x.stride(1), w.stride(0), w.stride(1),
+        y.stride(0), y.stride(1), IEEE=fp32)
     return y
 
 
@@ -113,9 +122,10 @@ def swiglu_bwd_triton(x: torch.Tensor, w: torch.Tensor, dy: torch.Tensor) -> tor
         return dh
     if K == 0:
         return dh.zero_()
-    _swiglu_bwd[_grid(M, N)](x, w, dy, dh, M, N, K, x.stride(0), x.stride(1), w.stride(0),
-                             w.stride(1), dy.stride(0), dy.stride(1), dh.stride(0),
-                             dh.stride(1), IEEE=x.dtype == torch.float32)
+    fp32 = x.dtype == torch.float32
+    _swiglu_bwd[fp32][_grid(M, N)](
+        x, w, dy, dh, M, N, K, x.stride(0), x.stride(1), w.stride(0), w.stride(1),
+        dy.stride(0), dy.stride(1), dh.stride(0), dh.stride(1), IEEE=fp32)
     return dh
 
 
@@ -126,9 +136,10 @@ def residual_fwd_triton(x: torch.Tensor, w: torch.Tensor, r: torch.Tensor) -> to
     if M == 0 or N == 0 or K == 0:
         return r.clone()
     y = torch.empty(M, N, dtype=x.dtype, device=x.device)
-    _residual_fwd[_grid(M, N)](x, w, r, y, M, N, K, x.stride(0), x.stride(1), w.stride(0),
-                               w.stride(1), r.stride(0), r.stride(1), y.stride(0), y.stride(1),
-                               IEEE=x.dtype == torch.float32)
+    fp32 = x.dtype == torch.float32
+    _residual_fwd[fp32][_grid(M, N)](
+        x, w, r, y, M, N, K, x.stride(0), x.stride(1), w.stride(0), w.stride(1),
+        r.stride(0), r.stride(1), y.stride(0), y.stride(1), IEEE=fp32)
     return y
 
 
