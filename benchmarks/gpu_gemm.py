@@ -53,6 +53,8 @@ def bench(fn, label, errors):
         errors.append(f"{label}: skipped (time budget)")
         return float("nan")
     try:
+        fn()  # compile + autotune outside the timed region (do_bench sizes its repeats on the
+        torch.cuda.synchronize()  # first calls, which would otherwise include the tuning)
         return time_fn(fn)
     except Exception as e:  # noqa: BLE001 - one failure must not hide the other numbers
         errors.append(f"{label}: {e!r}")

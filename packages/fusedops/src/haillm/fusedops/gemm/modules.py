@@ -40,11 +40,13 @@ class MergedLinear(nn.Module):
         bias: whether the merged layer has a bias (sum(out_features),).
         tp_rank: this rank's index in the tensor-parallel group (bookkeeping only).
         tp_size: tensor-parallel degree the widths were divided by (1: not sharded).
-        device, dtype: as for nn.Linear.
+        device: as for nn.Linear.
+        dtype: as for nn.Linear.
     """
 
     def __init__(self, in_features: int, out_features: Sequence[int], bias: bool = False, *,
-                 tp_rank: int = 0, tp_size: int = 1, device=None, dtype=None):
+                 tp_rank: int = 0, tp_size: int = 1, device: torch.device | str | None = None,
+                 dtype: torch.dtype | None = None):
         super().__init__()
         out_features = tuple(int(o) for o in out_features)
         if not out_features or any(o <= 0 for o in out_features):
@@ -177,10 +179,12 @@ class SwiGLUMLP(nn.Module):
         hidden_size: model width (K of gate/up, N of down).
         intermediate_size: MLP width (per rank when sharded).
         impl: passed to `linear_swiglu` / `linear_residual`.
+        device: as for nn.Linear.
+        dtype: as for nn.Linear.
     """
 
     def __init__(self, hidden_size: int, intermediate_size: int, *, impl: str = "auto",
-                 device=None, dtype=None):
+                 device: torch.device | str | None = None, dtype: torch.dtype | None = None):
         super().__init__()
         self.impl = impl
         self.gate_up = MergedLinear(hidden_size, (intermediate_size, intermediate_size),
