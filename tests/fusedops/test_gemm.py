@@ -292,3 +292,20 @@ def test_triton_backward_with_broadcast_grad():
     assert_close(w1.grad, got[2], dtype=torch.float32)
     want = truth_swiglu(x, w, torch.ones(6, 3, 10, dtype=torch.float64, device=dev))
     assert_close(x1.grad, want[1], dtype=torch.float32)
+
+
+@needs_triton
+@given(m=st.integers(1, 70), n=st.integers(1, 40), k8=st.integers(1, 9), seed=st.integers(0, 99))
+def test_tma_and_pointer_loads_agree(m, n, k8, seed):
+    """The two tile loaders of the swiglu kernels (TMA descriptors / pointer grids)."""
+    from haillm.fusedops.gemm.ops import _tma_ok, swiglu_bwd_triton, swiglu_fwd_triton
+
+    dev = "cuda" if torch.cuda.is_available() else "cpu"
+    x, w, dy = make_case((m,), n, 8 * k8, torch.float16, seed, dev)  # K % 8 == 0: TMA-able
+    assert _tma_ok(x, w) or (dev == "cuda" and torch.cuda.get_device_capability()[0] < 9)
+    y, truth = [swiglu_fwd_triton(x, w, tma=t) for t in (False, True)], truth_swiglu(x, w, dy)
+    assert_lowp_close(y[1], y[0], truth[0], floor=_floor(truth[0]), name="y tma vs pointer")
+    dh = [swiglu_bwd_triton(x, w, dy, tma=t) for t in (False, True)]
+    assert_close(dh[1], dh[0], dtype=torch.float16)
+    x_odd, w_odd, _ = make_case((m,), n, 8 * k8 + 1, torch.float16, seed, dev)
+    assert not _tma_ok(x_odd, w_odd)  # rows of 2K+2 bytes are not 16-byte aligned

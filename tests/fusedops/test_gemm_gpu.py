@@ -61,3 +61,18 @@ def test_gpu_auto_picks_triton_without_warning():
         warnings.simplefilter("error")
         assert torch.equal(linear_swiglu(x, w), linear_swiglu(x, w, impl="triton"))
         assert torch.equal(linear_residual(x, w, r), linear_residual(x, w, r, impl="triton"))
+
+
+def test_gpu_tma_and_pointer_loads_agree_bf16():
+    from haillm.fusedops.gemm.ops import _tma_ok, swiglu_bwd_triton, swiglu_fwd_triton
+
+    x, w, dy = make_case((256,), 11008, 4096, torch.bfloat16, seed=1, device=DEVICE)
+    assert _tma_ok(x, w) == (torch.cuda.get_device_capability()[0] >= 9)
+    truth = truth_swiglu(x, w, dy, torch.float64)
+    same = truth_swiglu(x, w, dy, torch.bfloat16)
+    for tma in (False, True):
+        y = swiglu_fwd_triton(x, w, tma=tma)
+        assert_lowp_close(y, same[0], truth[0], floor=_floor(truth[0], torch.bfloat16),
+                          name=f"y tma={tma}")
+    a, b = (swiglu_bwd_triton(x, w, dy, tma=t).float() for t in (False, True))
+    assert (a - b).abs().max().item() <= 2.0**-7 * a.abs().max().item()

@@ -49,45 +49,62 @@ def _dot(a, b, acc, IEEE: tl.constexpr):
 
 
 @triton.jit
-def _dual_gemm_tile(x_ptr, w_ptr, M, N, K, stride_xm, stride_xk, stride_wn, stride_wk,
-                    pid_m, pid_n, IEEE: tl.constexpr, BLOCK_M: tl.constexpr,
+def _dual_gemm_tile(x, w, M, N, K, stride_xm, stride_xk, stride_wn, stride_wk, pid_m, pid_n,
+                    IEEE: tl.constexpr, TMA: tl.constexpr, BLOCK_M: tl.constexpr,
                     BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr):
     """Both accumulators of one tile: (x @ W_gate.T, x @ W_up.T), each (BLOCK_M, BLOCK_N) fp32.
 
-    ``w_ptr`` points at w_gate_up (2N, K): gate rows are [0, N), up rows [N, 2N). The x tile is
-    loaded once per K step and used by both dots: the merged GEMM reads x once.
+    ``w`` is w_gate_up (2N, K): gate rows are [0, N), up rows [N, 2N). The x tile is loaded
+    once per K step and used by both dots: the merged GEMM reads x once.
+
+    Two ways to load tiles, same arithmetic:
+    * ``TMA=False``: ``x`` and ``w`` are pointers; we build (BLOCK, BLOCK_K) pointer grids.
+    * ``TMA=True`` (Hopper, 16-bit, 16-byte-aligned rows): ``x`` and ``w`` are tensor
+      descriptors and each tile is one bulk copy by the TMA engine, which zero-fills reads
+      out of bounds. A gate tile that runs past row N reads up rows: those columns are
+      garbage but never stored (the store is masked on n < N).
     """
-    offs_m = (pid_m * BLOCK_M + tl.arange(0, BLOCK_M)) % M  # wrapped: loads stay in bounds
-    offs_n = (pid_n * BLOCK_N + tl.arange(0, BLOCK_N)) % N
-    offs_k = tl.arange(0, BLOCK_K)
-    x_ptrs = x_ptr + offs_m[:, None].to(tl.int64) * stride_xm + offs_k[None, :] * stride_xk
-    # Weight tiles are loaded transposed, (BLOCK_K, BLOCK_N), so the dot is x @ W.T.
-    wg_ptrs = w_ptr + offs_n[None, :].to(tl.int64) * stride_wn + offs_k[:, None] * stride_wk
-    wu_ptrs = wg_ptrs + N * stride_wn
     acc_g = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
     acc_u = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
-    for k in range(0, tl.cdiv(K, BLOCK_K)):
-        k_left = K - k * BLOCK_K
-        x = tl.load(x_ptrs, mask=offs_k[None, :] < k_left, other=0.0)
-        wg = tl.load(wg_ptrs, mask=offs_k[:, None] < k_left, other=0.0)
-        wu = tl.load(wu_ptrs, mask=offs_k[:, None] < k_left, other=0.0)
-        acc_g = _dot(x, wg, acc_g, IEEE)
-        acc_u = _dot(x, wu, acc_u, IEEE)
-        x_ptrs += BLOCK_K * stride_xk
-        wg_ptrs += BLOCK_K * stride_wk
-        wu_ptrs += BLOCK_K * stride_wk
+    if TMA:
+        off_m = pid_m * BLOCK_M
+        off_n = pid_n * BLOCK_N
+        for k in range(0, tl.cdiv(K, BLOCK_K)):
+            xt = x.load([off_m, k * BLOCK_K])  # (BLOCK_M, BLOCK_K)
+            wg = w.load([off_n, k * BLOCK_K])  # (BLOCK_N, BLOCK_K)
+            wu = w.load([N + off_n, k * BLOCK_K])
+            acc_g = _dot(xt, wg.T, acc_g, IEEE)
+            acc_u = _dot(xt, wu.T, acc_u, IEEE)
+    else:
+        offs_m = (pid_m * BLOCK_M + tl.arange(0, BLOCK_M)) % M  # wrapped: loads in bounds
+        offs_n = (pid_n * BLOCK_N + tl.arange(0, BLOCK_N)) % N
+        offs_k = tl.arange(0, BLOCK_K)
+        x_ptrs = x + offs_m[:, None].to(tl.int64) * stride_xm + offs_k[None, :] * stride_xk
+        # Weight tiles are loaded transposed, (BLOCK_K, BLOCK_N), so the dot is x @ W.T.
+        wg_ptrs = w + offs_n[None, :].to(tl.int64) * stride_wn + offs_k[:, None] * stride_wk
+        wu_ptrs = wg_ptrs + N * stride_wn
+        for k in range(0, tl.cdiv(K, BLOCK_K)):
+            k_left = K - k * BLOCK_K
+            xt = tl.load(x_ptrs, mask=offs_k[None, :] < k_left, other=0.0)
+            wg = tl.load(wg_ptrs, mask=offs_k[:, None] < k_left, other=0.0)
+            wu = tl.load(wu_ptrs, mask=offs_k[:, None] < k_left, other=0.0)
+            acc_g = _dot(xt, wg, acc_g, IEEE)
+            acc_u = _dot(xt, wu, acc_u, IEEE)
+            x_ptrs += BLOCK_K * stride_xk
+            wg_ptrs += BLOCK_K * stride_wk
+            wu_ptrs += BLOCK_K * stride_wk
     return acc_g, acc_u
 
 
 @triton.jit
-def linear_swiglu_fwd_kernel(x_ptr, w_ptr, y_ptr, M, N, K, stride_xm, stride_xk, stride_wn,
+def linear_swiglu_fwd_kernel(x, w, y_ptr, M, N, K, stride_xm, stride_xk, stride_wn,
                              stride_wk, stride_ym, stride_yn, IEEE: tl.constexpr,
-                             BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
+                             TMA: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
                              BLOCK_K: tl.constexpr, GROUP_M: tl.constexpr):
     """y (M, N) = silu(x @ W_gate.T) * (x @ W_up.T); x (M, K), w_gate_up (2N, K)."""
     pid_m, pid_n = _tile_ids(M, N, BLOCK_M, BLOCK_N, GROUP_M)
-    g, u = _dual_gemm_tile(x_ptr, w_ptr, M, N, K, stride_xm, stride_xk, stride_wn, stride_wk,
-                           pid_m, pid_n, IEEE, BLOCK_M, BLOCK_N, BLOCK_K)
+    g, u = _dual_gemm_tile(x, w, M, N, K, stride_xm, stride_xk, stride_wn, stride_wk,
+                           pid_m, pid_n, IEEE, TMA, BLOCK_M, BLOCK_N, BLOCK_K)
     # Epilogue in fp32 registers: the only tensor written is y.
     y = g * tl.sigmoid(g) * u
     offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
@@ -98,11 +115,11 @@ def linear_swiglu_fwd_kernel(x_ptr, w_ptr, y_ptr, M, N, K, stride_xm, stride_xk,
 
 
 @triton.jit
-def linear_swiglu_bwd_kernel(x_ptr, w_ptr, dy_ptr, dh_ptr, M, N, K, stride_xm, stride_xk,
+def linear_swiglu_bwd_kernel(x, w, dy_ptr, dh_ptr, M, N, K, stride_xm, stride_xk,
                              stride_wn, stride_wk, stride_dym, stride_dyn, stride_dhm,
-                             stride_dhn, IEEE: tl.constexpr, BLOCK_M: tl.constexpr,
-                             BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
-                             GROUP_M: tl.constexpr):
+                             stride_dhn, IEEE: tl.constexpr, TMA: tl.constexpr,
+                             BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
+                             BLOCK_K: tl.constexpr, GROUP_M: tl.constexpr):
     """dh (M, 2N) = [dL/dgate, dL/dup], recomputing gate and up from x and w_gate_up.
 
     Same dual GEMM as the forward, different epilogue: with s = sigmoid(g),
@@ -110,18 +127,18 @@ def linear_swiglu_bwd_kernel(x_ptr, w_ptr, dy_ptr, dh_ptr, M, N, K, stride_xm, s
     backward with two ordinary GEMMs: dx = dh @ w_gate_up and dW = dh.T @ x.
     """
     pid_m, pid_n = _tile_ids(M, N, BLOCK_M, BLOCK_N, GROUP_M)
-    g, u = _dual_gemm_tile(x_ptr, w_ptr, M, N, K, stride_xm, stride_xk, stride_wn, stride_wk,
-                           pid_m, pid_n, IEEE, BLOCK_M, BLOCK_N, BLOCK_K)
+    g, u = _dual_gemm_tile(x, w, M, N, K, stride_xm, stride_xk, stride_wn, stride_wk,
+                           pid_m, pid_n, IEEE, TMA, BLOCK_M, BLOCK_N, BLOCK_K)
     offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
     offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
     mask = (offs_m[:, None] < M) & (offs_n[None, :] < N)
     dy_ptrs = dy_ptr + offs_m[:, None].to(tl.int64) * stride_dym + offs_n[None, :] * stride_dyn
     dy = tl.load(dy_ptrs, mask=mask, other=0.0).to(tl.float32)
     s = tl.sigmoid(g)
-    du = dy * g * s
-    dg = dy * u * s * (1.0 + g * (1.0 - s))
     dg_ptrs = dh_ptr + offs_m[:, None].to(tl.int64) * stride_dhm + offs_n[None, :] * stride_dhn
+    dg = dy * u * s * (1.0 + g * (1.0 - s))
     tl.store(dg_ptrs, dg.to(dh_ptr.dtype.element_ty), mask=mask)
+    du = dy * g * s
     tl.store(dg_ptrs + N * stride_dhn, du.to(dh_ptr.dtype.element_ty), mask=mask)
 
 

@@ -33,6 +33,10 @@ except ImportError:  # pragma: no cover - triton is installed on Linux
     triton = None
     kernels = None
     HAS_TRITON = False
+try:  # host-side TMA descriptors (triton >= 3.4)
+    from triton.tools.tensor_descriptor import TensorDescriptor
+except ImportError:  # pragma: no cover
+    TensorDescriptor = None
 
 __all__ = ["linear_residual", "linear_swiglu"]
 
@@ -54,7 +58,9 @@ def _autotune_configs(two_accumulators: bool, fp32: bool = False):
     a 128x128x64 fp32 tile needs 192 KB of shared memory and compiles for half a minute.
     ``HAILLM_GEMM_AUTOTUNE=0`` pins the first config (quick compiles in GPU tests).
     """
-    C = triton.Config
+    def C(kw, **opts):  # every config resizes the TMA descriptors' blocks to its tile
+        return triton.Config(kw, pre_hook=_set_descriptor_blocks, **opts)
+
     if _interpreting():
         return [C(dict(BLOCK_M=32, BLOCK_N=32, BLOCK_K=32, GROUP_M=4), num_warps=4,
                   num_stages=1)]
@@ -80,16 +86,41 @@ def _autotune_configs(two_accumulators: bool, fp32: bool = False):
     return configs
 
 
+def _set_descriptor_blocks(nargs) -> None:
+    """Autotune pre-hook: a TMA descriptor's block shape must match the config's tile."""
+    x, w = nargs.get("x"), nargs.get("w")
+    if TensorDescriptor is not None and isinstance(x, TensorDescriptor):
+        x.block_shape = [nargs["BLOCK_M"], nargs["BLOCK_K"]]
+        w.block_shape = [nargs["BLOCK_N"], nargs["BLOCK_K"]]
+
+
+def _tma_ok(x: torch.Tensor, w: torch.Tensor) -> bool:
+    """Whether the swiglu kernels can load tiles with TMA descriptors.
+
+    Needs Hopper or newer (or the interpreter), 16-bit inputs (the fp32 path is the simple
+    one), unit stride along K and 16-byte-aligned rows and base addresses.
+    ``HAILLM_GEMM_TMA=0`` turns it off.
+    """
+    if TensorDescriptor is None or os.environ.get("HAILLM_GEMM_TMA", "1") == "0":
+        return False
+    if x.dtype not in (torch.float16, torch.bfloat16):
+        return False
+    if x.is_cuda and torch.cuda.get_device_capability(x.device)[0] < 9:
+        return False
+    return all(t.stride(1) == 1 and (t.stride(0) * t.element_size()) % 16 == 0
+               and t.data_ptr() % 16 == 0 for t in (x, w))
+
+
 if HAS_TRITON:
     # Tuned per (N, K) (and dtype): the token count M changes every batch, the layer shapes
     # don't. One autotuner per (kernel, fp32 or not): {False: 16-bit, True: fp32}.
-    def _tuned(kernel, two_accumulators):
-        return {fp32: triton.autotune(_autotune_configs(two_accumulators, fp32),
-                                      key=["N", "K"])(kernel) for fp32 in (False, True)}
+    def _tuned(kernel, two_accumulators, key):
+        return {fp32: triton.autotune(_autotune_configs(two_accumulators, fp32), key=key)(kernel)
+                for fp32 in (False, True)}
 
-    _swiglu_fwd = _tuned(kernels.linear_swiglu_fwd_kernel, True)
-    _swiglu_bwd = _tuned(kernels.linear_swiglu_bwd_kernel, True)
-    _residual_fwd = _tuned(kernels.linear_residual_fwd_kernel, False)
+    _swiglu_fwd = _tuned(kernels.linear_swiglu_fwd_kernel, True, ["N", "K", "TMA"])
+    _swiglu_bwd = _tuned(kernels.linear_swiglu_bwd_kernel, True, ["N", "K", "TMA"])
+    _residual_fwd = _tuned(kernels.linear_residual_fwd_kernel, False, ["N", "K"])
 
 
 def _grid(M: int, N: int):
@@ -97,8 +128,21 @@ def _grid(M: int, N: int):
 
 
 # --------------------------------------------------------------------------- launchers
-def swiglu_fwd_triton(x: torch.Tensor, w: torch.Tensor) -> torch.Tensor:
-    """Launch the fused forward: x (M, K), w_gate_up (2N, K) -> y (M, N)."""
+def _operands(x: torch.Tensor, w: torch.Tensor, tma: bool | None):
+    """(x, w, TMA): tensors, or TMA descriptors (block shapes set by the autotune pre-hook)."""
+    if tma is None:
+        tma = _tma_ok(x, w)
+    if not tma:
+        return x, w, False
+    return (TensorDescriptor.from_tensor(x, [16, 16]),
+            TensorDescriptor.from_tensor(w, [16, 16]), True)
+
+
+def swiglu_fwd_triton(x: torch.Tensor, w: torch.Tensor, tma: bool | None = None) -> torch.Tensor:
+    """Launch the fused forward: x (M, K), w_gate_up (2N, K) -> y (M, N).
+
+    ``tma``: load tiles with TMA descriptors (default: when `_tma_ok`), else pointer grids.
+    """
     M, K = x.shape
     N = w.shape[0] // 2
     y = torch.empty(M, N, dtype=x.dtype, device=x.device)
@@ -107,13 +151,15 @@ def swiglu_fwd_triton(x: torch.Tensor, w: torch.Tensor) -> torch.Tensor:
     if K == 0:
         return y.zero_()  # silu(0) * 0
     fp32 = x.dtype == torch.float32
+    xa, wa, use_tma = _operands(x, w, tma)
     _swiglu_fwd[fp32][_grid(M, N)](
-        x, w, y, M, N, K, x.stride(0), x.stride(1), w.stride(0), w.stride(1),
-        y.stride(0), y.stride(1), IEEE=fp32)
+        xa, wa, y, M, N, K, x.stride(0), x.stride(1), w.stride(0), w.stride(1),
+        y.stride(0), y.stride(1), IEEE=fp32, TMA=use_tma)
     return y
 
 
-def swiglu_bwd_triton(x: torch.Tensor, w: torch.Tensor, dy: torch.Tensor) -> torch.Tensor:
+def swiglu_bwd_triton(x: torch.Tensor, w: torch.Tensor, dy: torch.Tensor,
+                      tma: bool | None = None) -> torch.Tensor:
     """Launch the recomputing backward epilogue: returns dh (M, 2N) = [dL/dgate, dL/dup]."""
     M, K = x.shape
     N = w.shape[0] // 2
@@ -123,9 +169,10 @@ def swiglu_bwd_triton(x: torch.Tensor, w: torch.Tensor, dy: torch.Tensor) -> tor
     if K == 0:
         return dh.zero_()
     fp32 = x.dtype == torch.float32
+    xa, wa, use_tma = _operands(x, w, tma)
     _swiglu_bwd[fp32][_grid(M, N)](
-        x, w, dy, dh, M, N, K, x.stride(0), x.stride(1), w.stride(0), w.stride(1),
-        dy.stride(0), dy.stride(1), dh.stride(0), dh.stride(1), IEEE=fp32)
+        xa, wa, dy, dh, M, N, K, x.stride(0), x.stride(1), w.stride(0), w.stride(1),
+        dy.stride(0), dy.stride(1), dh.stride(0), dh.stride(1), IEEE=fp32, TMA=use_tma)
     return dh
 
 
