@@ -7,9 +7,10 @@ before it is stored: here silu(gate) * up (SwiGLU), its derivative, or "+ residu
 fusion is that the accumulators never go to memory: a plain GEMM would write them, and the
 next element-wise kernel would read them back.
 
-Tails: rows past M (or N) wrap around (``% M``) so every load is in bounds without a mask
-(those rows are computed and then not stored); the K tail is masked with zeros, which add
-nothing to the dot product. The store is masked on both M and N.
+Tails: with pointer loads, rows past M (or N) wrap around (``% M``) so every load is in
+bounds without a mask (those rows are computed and then not stored); the K tail is masked
+with zeros, which add nothing to the dot product. With TMA descriptors (the swiglu kernels on
+Hopper) the copy engine zero-fills out-of-bounds reads itself. The store is masked on M and N.
 
 Launch grid: ``(cdiv(M, BLOCK_M) * cdiv(N, BLOCK_N),)``; program ids are "grouped" along M
 (GROUP_M rows of tiles share each weight tile while it is in L2), as in Triton's matmul
