@@ -36,11 +36,26 @@ T0 = time.time()
 BUDGET_S = 80.0  # stop starting new measurements after this (the whole run must stay < 90 s)
 PAGE = "fusedops-gemm.md"
 HIDDEN, INTER = 4096, 11008
+TOKENS = (4096, 8192, 16384)
+# GPU_GEMM_SMOKE=1: a CPU dry run of this script's logic (tiny shapes, Triton interpreter,
+# no pytest, tables to /tmp) to check it before spending GPU time.
+SMOKE = os.environ.get("GPU_GEMM_SMOKE") == "1"
+if SMOKE:
+    os.environ["TRITON_INTERPRET"] = "1"
+    HIDDEN, INTER, TOKENS, PAGE = 64, 96, (32, 48), Path("/tmp/gpu-gemm-smoke.md")
+IMPL = "triton" if SMOKE else "auto"  # auto = Triton on the GPU
 
 
-def start_tests() -> subprocess.Popen:
+def sync() -> None:
+    if torch.cuda.is_available():
+        torch.cuda.synchronize()
+
+
+def start_tests() -> subprocess.Popen | None:
     import importlib.util
 
+    if SMOKE:
+        return None
     env = dict(os.environ, HAILLM_GEMM_AUTOTUNE="0", CI="1")
     cmd = [sys.executable, "-m", "pytest", "-q", "-m", "gpu", "-p", "no:cacheprovider",
            "tests/fusedops/test_gemm_gpu.py"]
@@ -50,7 +65,9 @@ def start_tests() -> subprocess.Popen:
                             stderr=subprocess.STDOUT, text=True)
 
 
-def finish_tests(proc: subprocess.Popen, timeout: float) -> str:
+def finish_tests(proc: subprocess.Popen | None, timeout: float) -> str:
+    if proc is None:
+        return "pytest: not run (smoke mode)"
     try:
         out, _ = proc.communicate(timeout=max(timeout, 1.0))
     except subprocess.TimeoutExpired:
@@ -68,7 +85,7 @@ def bench(fn, label, errors):
         return float("nan")
     try:
         fn()  # compile + autotune outside the timed region (do_bench sizes its repeats on the
-        torch.cuda.synchronize()  # first calls, which would otherwise include the tuning)
+        sync()  # first calls, which would otherwise include the tuning)
         return time_fn(fn)
     except Exception as e:  # noqa: BLE001 - one failure must not hide the other numbers
         errors.append(f"{label}: {e!r}")
@@ -81,7 +98,7 @@ def main():
     from haillm.fusedops import linear_residual, linear_swiglu
     from haillm.fusedops.gemm.ops import swiglu_fwd_triton
 
-    dev, dt = "cuda", torch.bfloat16
+    dev, dt = ("cpu", torch.float16) if SMOKE else ("cuda", torch.bfloat16)
     torch.manual_seed(0)
     errors: list[str] = []
     w = (torch.randn(2 * INTER, HIDDEN, device=dev) / HIDDEN**0.5).to(dt)  # (2N, K)
@@ -91,13 +108,14 @@ def main():
     # Compile + autotune every kernel once (tuning is per (N, K), so it carries over to every
     # token count) while the tests run in the other process.
     try:
-        x0 = torch.randn(4096, HIDDEN, device=dev, dtype=dt, requires_grad=True)
+        x0 = torch.randn(TOKENS[0], HIDDEN, device=dev, dtype=dt, requires_grad=True)
         w0 = w.detach().requires_grad_()
-        torch.autograd.grad(linear_swiglu(x0, w0), (x0, w0), torch.ones(4096, INTER, device=dev,
-                                                                         dtype=dt))
+        dy0 = torch.ones(TOKENS[0], INTER, device=dev, dtype=dt)
+        torch.autograd.grad(linear_swiglu(x0, w0, impl=IMPL), (x0, w0), dy0)
         swiglu_fwd_triton(x0.detach(), w, tma=False)
-        linear_residual(torch.randn(4096, INTER, device=dev, dtype=dt), wd, x0.detach())
-        torch.cuda.synchronize()
+        h0 = torch.randn(TOKENS[0], INTER, device=dev, dtype=dt)
+        linear_residual(h0, wd, x0.detach(), impl=IMPL)
+        sync()
     except Exception as e:  # noqa: BLE001
         errors.append(f"warm-up: {e!r}")
     print(f"[{time.time() - T0:.0f}s] kernels compiled and tuned", flush=True)
@@ -111,7 +129,7 @@ def main():
         flops = 2 * m * 2 * INTER * HIDDEN
         base = lambda x=x: F.silu(x @ wg.t()) * (x @ wu.t())
         merged = lambda x=x: (lambda h: F.silu(h[:, :INTER]) * h[:, INTER:])(x @ w.t())
-        fused = lambda x=x: linear_swiglu(x, w)
+        fused = lambda x=x: linear_swiglu(x, w, impl=IMPL)
         pointer = lambda x=x: swiglu_fwd_triton(x, w, tma=False)
         try:  # accuracy of the autotuned kernel at this shape (vs fp32 truth)
             with torch.no_grad():
@@ -138,7 +156,8 @@ def main():
         wgg, wug, wg2 = (t.detach().requires_grad_() for t in (wg, wu, w))
         base_fb = lambda: torch.autograd.grad(F.silu(xg @ wgg.t()) * (xg @ wug.t()),
                                               (xg, wgg, wug), dy)
-        fused_fb = lambda: torch.autograd.grad(linear_swiglu(xg, wg2), (xg, wg2), dy)
+        fused_fb = lambda: torch.autograd.grad(linear_swiglu(xg, wg2, impl=IMPL), (xg, wg2),
+                                               dy)
         t_fb = bench(fused_fb, f"fused fwd+bwd m={m}", errors)
         t_bb = bench(base_fb, f"base fwd+bwd m={m}", errors)
         bwd_rows.append([m, f"{t_bb:.3f}", f"{t_fb:.3f}", f"{t_bb / t_fb:.2f}x",
@@ -147,7 +166,7 @@ def main():
 
         try:
             base_mem = peak_memory(lambda: F.silu(xg @ wgg.t()) * (xg @ wug.t()))
-            fused_mem = peak_memory(lambda: linear_swiglu(xg, wg2))
+            fused_mem = peak_memory(lambda: linear_swiglu(xg, wg2, impl=IMPL))
             mem_rows.append([m, f"{base_mem / 2**20:.0f}", f"{fused_mem / 2**20:.0f}"])
         except Exception as e:  # noqa: BLE001
             errors.append(f"memory m={m}: {e!r}")
@@ -155,15 +174,17 @@ def main():
         h = torch.randn(m, INTER, device=dev, dtype=dt)
         r = torch.randn(m, HIDDEN, device=dev, dtype=dt)
         with torch.no_grad():
-            t_rf = bench(lambda: linear_residual(h, wd, r), f"residual fused m={m}", errors)
+            t_rf = bench(lambda: linear_residual(h, wd, r, impl=IMPL), f"residual fused m={m}",
+                         errors)
             t_rb = bench(lambda: h @ wd.t() + r, f"residual base m={m}", errors)
         rflops = 2 * m * HIDDEN * INTER
         res_rows.append([m, f"{t_rb:.3f}", f"{t_rf:.3f}", f"{t_rb / t_rf:.2f}x",
                          f"{rflops / t_rf / 1e9:.0f}", f"{rflops / t_rb / 1e9:.0f}"])
 
-    for m in (4096, 8192, 16384):
+    for m in TOKENS:
         one(m)
-        torch.cuda.empty_cache()
+        if torch.cuda.is_available():
+            torch.cuda.empty_cache()
 
     gpu = device_name(dev)
     common = (f"{gpu}, torch {torch.__version__}, bf16, hidden {HIDDEN}, intermediate {INTER}; "
