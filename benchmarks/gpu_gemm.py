@@ -192,7 +192,8 @@ def main():
     tables = [
         write_table(PAGE, "GPU: SwiGLU projection forward", [
             "tokens M", "separate GEMMs + silu*mul (ms)", "merged GEMM + silu*mul (ms)",
-            "linear_swiglu (ms)", "same, pointer loads (ms)", "speed-up vs separate", "speed-up vs merged",
+            "linear_swiglu (ms)", "same, pointer loads (ms)", "speed-up vs separate",
+            "speed-up vs merged",
             "fused TFLOP/s", "separate TFLOP/s"], fwd_rows,
             "Baseline: `F.silu(x @ Wg.T) * (x @ Wu.T)` (cuBLAS GEMMs + two element-wise "
             "kernels); merged: one cuBLAS GEMM on cat([Wg, Wu]). linear_swiglu loads tiles with "
