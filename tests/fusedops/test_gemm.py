@@ -212,8 +212,9 @@ def test_triton_that_cannot_run_falls_back_with_warning(monkeypatch):
     (lambda: linear_swiglu(torch.randn(2, 4), torch.randn(6, 4), impl="cuda"), ValueError, "impl"),
     (lambda: linear_residual(torch.randn(2, 4), torch.randn(3, 4), torch.randn(2, 4)), ValueError,
      r"residual must have shape .*\(2, 3\)"),
-    (lambda: linear_residual(torch.randn(2, 4), torch.randn(3, 4), torch.randn(2, 3).double()),
-     TypeError, "residual dtype"),
+    (lambda: linear_residual(torch.randn(2, 4), torch.randn(3, 4), torch.ones(2, 3, dtype=torch.int64)),
+     TypeError, "residual must be a floating-point"),
+    (lambda: linear_residual(torch.randn(2, 4), torch.randn(3, 4), [0.0]), TypeError, "tensors"),
     (lambda: linear_residual(torch.randn(2, 4), torch.randn(3, 5), torch.randn(2, 3)), ValueError,
      "K=4"),
 ])
@@ -309,3 +310,32 @@ def test_tma_and_pointer_loads_agree(m, n, k8, seed):
     assert_close(dh[1], dh[0], dtype=torch.float16)
     x_odd, w_odd, _ = make_case((m,), n, 8 * k8 + 1, torch.float16, seed, dev)
     assert not _tma_ok(x_odd, w_odd)  # rows of 2K+2 bytes are not 16-byte aligned
+
+
+@pytest.mark.parametrize("impl", ["reference"] + (["triton"] if INTERPRET else []))
+def test_residual_in_fp32_with_half_operands(impl):
+    """An fp32 residual stream with fp16 GEMM operands: the sum comes out in fp32 (as
+    ``x @ W.T + r`` in PyTorch), rounded once from the fp32 accumulator; dr keeps fp32."""
+    dev = "cuda" if torch.cuda.is_available() else "cpu"
+    x, w, _ = make_case((3, 5), 6, 24, torch.float16, 7, dev)
+    r = torch.randn(3, 5, 12, device=dev, requires_grad=True)
+    y = linear_residual(x, w, r, impl=impl)
+    assert y.dtype == torch.float32
+    truth = x.double() @ w.double().t() + r.detach().double()
+    lowp = (x @ w.t()).float() + r.detach()  # PyTorch: fp16 GEMM, then the fp32 add
+    assert_lowp_close(y.detach(), lowp, truth, floor=1e-6, name="y")
+    y.backward(torch.ones_like(y))
+    assert r.grad.dtype == torch.float32 and torch.equal(r.grad, torch.ones_like(r))
+
+
+def test_autocast_casts_operands_like_nn_linear():
+    x, w, _ = make_case((4,), 3, 8, torch.float32, 0)
+    r = torch.randn(4, 6)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        y = linear_swiglu(x, w)
+        z = linear_residual(x, w, r)
+        want = F.silu(F.linear(x, w[:3])) * F.linear(x, w[3:])
+    assert y.dtype == torch.bfloat16 and want.dtype == torch.bfloat16
+    assert torch.equal(y, want)
+    assert z.dtype == torch.float32  # bf16 product + fp32 residual
+    assert_close(z, (x.bfloat16() @ w.bfloat16().t()).float() + r, dtype=torch.bfloat16)

@@ -177,12 +177,17 @@ def swiglu_bwd_triton(x: torch.Tensor, w: torch.Tensor, dy: torch.Tensor,
 
 
 def residual_fwd_triton(x: torch.Tensor, w: torch.Tensor, r: torch.Tensor) -> torch.Tensor:
-    """Launch the GEMM + residual epilogue: x (M, K), w (N, K), r (M, N) -> y (M, N)."""
+    """Launch the GEMM + residual epilogue: x (M, K), w (N, K), r (M, N) -> y (M, N).
+
+    y's dtype is ``promote_types(x.dtype, r.dtype)``: an fp32 residual stream with bf16
+    GEMM operands gives an fp32 sum, rounded once from the fp32 accumulator.
+    """
     M, K = x.shape
     N = w.shape[0]
+    out_dtype = torch.promote_types(x.dtype, r.dtype)  # as `x @ w.T + r` in PyTorch
     if M == 0 or N == 0 or K == 0:
-        return r.clone()
-    y = torch.empty(M, N, dtype=x.dtype, device=x.device)
+        return r.to(out_dtype, copy=True)
+    y = torch.empty(M, N, dtype=out_dtype, device=x.device)
     fp32 = x.dtype == torch.float32
     _residual_fwd[fp32][_grid(M, N)](
         x, w, r, y, M, N, K, x.stride(0), x.stride(1), w.stride(0), w.stride(1),
@@ -223,6 +228,7 @@ class LinearResidualFn(torch.autograd.Function):
         x2 = x.reshape(-1, K)  # (M, K)
         y = residual_fwd_triton(x2, w, r.reshape(-1, N))  # (M, N)
         ctx.save_for_backward(x2, w)
+        ctx.r_dtype = r.dtype
         ctx.lead_shape = x.shape[:-1]
         return y.reshape(*x.shape[:-1], N)
 
@@ -232,14 +238,28 @@ class LinearResidualFn(torch.autograd.Function):
         dy2 = dy.reshape(-1, w.shape[0]).to(x2.dtype)  # (M, N)
         dx = (dy2 @ w).reshape(*ctx.lead_shape, w.shape[1]) if ctx.needs_input_grad[0] else None
         dw = dy2.t() @ x2 if ctx.needs_input_grad[1] else None  # (N, K)
-        dr = dy if ctx.needs_input_grad[2] else None
+        dr = dy.to(ctx.r_dtype) if ctx.needs_input_grad[2] else None
         return dx, dw, dr
 
 
 # --------------------------------------------------------------------------- checks, dispatch
+def _autocast(*tensors: torch.Tensor) -> tuple[torch.Tensor, ...]:
+    """Inside ``torch.autocast``, cast GEMM operands to the autocast dtype, as nn.Linear does."""
+    dev = tensors[0].device.type
+    try:
+        enabled = torch.is_autocast_enabled(dev)
+    except TypeError:  # torch < 2.4 has no device_type argument
+        enabled = dev == "cuda" and torch.is_autocast_enabled()
+    if not enabled:
+        return tensors
+    dt = torch.get_autocast_dtype(dev) if hasattr(torch, "get_autocast_dtype") else \
+        torch.get_autocast_gpu_dtype()
+    return tuple(t.to(dt) for t in tensors)
+
+
 def _check_common(x, weight, wname: str, extra=()):
-    if not isinstance(x, torch.Tensor) or not isinstance(weight, torch.Tensor):
-        raise TypeError(f"x and {wname} must be tensors")
+    if not all(isinstance(t, torch.Tensor) for t in (x, weight, *(t for _, t in extra))):
+        raise TypeError(f"x, {wname}{''.join(', ' + n for n, _ in extra)} must be tensors")
     if weight.dim() != 2:
         raise ValueError(f"{wname} must be 2-D in nn.Linear layout, got shape {tuple(weight.shape)}")
     if x.dim() < 1:
@@ -247,9 +267,11 @@ def _check_common(x, weight, wname: str, extra=()):
     if x.shape[-1] != weight.shape[1]:
         raise ValueError(f"x's last dim (K={x.shape[-1]}) must equal {wname}.shape[1] "
                          f"({weight.shape[1]}); {wname} has shape {tuple(weight.shape)}")
+    if weight.dtype != x.dtype:
+        raise TypeError(f"{wname} dtype {weight.dtype} must equal x dtype {x.dtype}")
     for name, t in ((wname, weight), *extra):
-        if t.dtype != x.dtype:
-            raise TypeError(f"{name} dtype {t.dtype} must equal x dtype {x.dtype}")
+        if not t.is_floating_point():
+            raise TypeError(f"{name} must be a floating-point tensor, got {t.dtype}")
         if t.device != x.device:
             raise ValueError(f"{name} is on {t.device} but x is on {x.device}")
 
@@ -290,12 +312,15 @@ def linear_swiglu(x: torch.Tensor, w_gate_up: torch.Tensor, *, impl: str = "auto
         impl: "auto" (Triton on CUDA, reference on CPU), "triton" or "reference".
 
     Returns:
-        (..., N) tensor in x's dtype.
+        (..., N) tensor in x's dtype. Under ``torch.autocast`` x and w_gate_up are cast to
+        the autocast dtype first (as nn.Linear's operands are).
 
     Raises:
         ValueError: odd number of rows in w_gate_up, K mismatch, device mismatch, bad impl.
         TypeError: dtype mismatch.
     """
+    if isinstance(x, torch.Tensor) and isinstance(w_gate_up, torch.Tensor):
+        x, w_gate_up = _autocast(x, w_gate_up)
     _check_common(x, w_gate_up, "w_gate_up")
     if w_gate_up.shape[0] % 2 != 0:
         raise ValueError(f"w_gate_up rows ({w_gate_up.shape[0]}) must be even: it is "
@@ -315,16 +340,21 @@ def linear_residual(x: torch.Tensor, weight: torch.Tensor, residual: torch.Tenso
     Args:
         x: (..., K) input.
         weight: (N, K) nn.Linear weight, same dtype/device as x.
-        residual: (..., N) the residual stream, same leading shape, dtype and device as x.
+        residual: (..., N) the residual stream, same leading shape and device as x; any
+            float dtype (e.g. an fp32 residual stream with bf16 GEMM operands).
         impl: "auto" (Triton on CUDA, reference on CPU), "triton" or "reference".
 
     Returns:
-        (..., N) tensor in x's dtype.
+        (..., N) tensor of dtype ``promote_types(x.dtype, residual.dtype)``, as
+        ``x @ weight.T + residual`` would give. Under ``torch.autocast`` x and weight are
+        cast to the autocast dtype first (as nn.Linear's are).
 
     Raises:
         ValueError: K mismatch, residual shape mismatch, device mismatch, bad impl.
-        TypeError: dtype mismatch.
+        TypeError: x/weight dtype mismatch, non-float residual.
     """
+    if isinstance(x, torch.Tensor) and isinstance(weight, torch.Tensor):
+        x, weight = _autocast(x, weight)
     _check_common(x, weight, "weight", extra=(("residual", residual),))
     expected = (*x.shape[:-1], weight.shape[0])
     if tuple(residual.shape) != expected:
