@@ -193,7 +193,9 @@ class StageModel(nn.Module):
         if residual is not None:
             h = h + residual  # the residual stream: what the next stage (or the head) reads
         if not self.last:
-            return h
+            # contiguous: the SP reduce-scatter may hand back a transposed view, and P2P sends
+            # need dense memory
+            return h.contiguous()
         y = self.ops.rms_norm(h, self.norm, self.cfg.norm_eps)
         g = self.grid.tp_group
         y = gather_seq(y, g) if self.sp else copy_to_tp(y, g)  # (B, S, d)
