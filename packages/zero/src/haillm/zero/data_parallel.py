@@ -79,6 +79,7 @@ class ZeroDataParallel(nn.Module):
         self.dp = group_size(dp_group)
         self.dp_rank = group_rank(dp_group)
         self.overlap = overlap
+        self.bucket_mb = bucket_mb
         self.reduce_scatter_impl = reduce_scatter
         self.grad_dtype = grad_dtype
         self.trace: list | None = None

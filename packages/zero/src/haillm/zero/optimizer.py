@@ -285,6 +285,7 @@ class Zero1AdamW(torch.optim.Optimizer):
         return {
             "format": "haillm.zero.Zero1AdamW/sharded-v1",
             "dp_size": L.dp, "dp_rank": L.rank, "numel": L.numel,
+            "buckets": [(b.start, b.numel) for b in L.buckets],
             "param_names": list(self.model.param_names),
             "master": self.master.clone(), "exp_avg": self.exp_avg.clone(),
             "exp_avg_sq": self.exp_avg_sq.clone(),
@@ -314,10 +315,11 @@ class Zero1AdamW(torch.optim.Optimizer):
             raise ValueError("not a Zero1AdamW sharded state dict (for a full one use "
                              "load_full_state_dict)")
         if (state["dp_size"], state["dp_rank"], state["numel"]) != (L.dp, L.rank, L.numel) or \
-                state["param_names"] != self.model.param_names:
+                state["param_names"] != self.model.param_names or \
+                [tuple(b) for b in state["buckets"]] != [(b.start, b.numel) for b in L.buckets]:
             raise ValueError(f"sharded state was saved with dp_size={state['dp_size']}, "
                              f"rank={state['dp_rank']}, numel={state['numel']}; this optimizer "
-                             f"has dp_size={L.dp}, rank={L.rank}, numel={L.numel}: use "
+                             f"has dp_size={L.dp}, rank={L.rank}, numel={L.numel} (or other buckets): use "
                              "full_state_dict()/load_full_state_dict() to change layouts")
         self.master.copy_(state["master"])
         self.exp_avg.copy_(state["exp_avg"])
