@@ -156,3 +156,23 @@ def test_single_process_equals_torch_adamw():
         ropt.zero_grad()
     for p, q in zip(ddp.module.parameters(), ref.parameters()):
         torch.testing.assert_close(p, q, rtol=1e-6, atol=1e-7)
+
+
+def test_lr_scheduler_and_hparams():
+    """Zero1AdamW is a torch Optimizer: LR schedulers drive its per-group learning rates."""
+    ddp = ZeroDataParallel(_mlp())
+    opt = Zero1AdamW(ddp, lr=1e-2, precision="fp32", param_groups=weight_decay_groups(ddp, 0.1))
+    sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda step: 0.5 ** step)
+    for _ in range(2):
+        ddp(torch.randn(2, 5)).sum().backward()
+        opt.step()
+        opt.zero_grad()
+        sched.step()
+    assert [g["lr"] for g in opt.param_groups] == [2.5e-3, 2.5e-3]
+    with pytest.raises(RuntimeError, match="after construction"):
+        opt.add_param_group({"params": [torch.zeros(2, requires_grad=True)]})
+    with pytest.raises(ValueError, match="two param_groups"):
+        Zero1AdamW(ddp, lr=1e-2, precision="fp32",
+                   param_groups=[{"params": ddp.params}, {"params": ddp.params[:1]}])
+    with pytest.raises(ValueError, match="miss"):
+        Zero1AdamW(ddp, lr=1e-2, precision="fp32", param_groups=[{"params": ddp.params[:1]}])

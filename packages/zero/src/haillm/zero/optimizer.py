@@ -123,6 +123,7 @@ class Zero1AdamW(torch.optim.Optimizer):
             raise ValueError(f"max_grad_norm ({max_grad_norm}) must be > 0 or None")
         defaults = dict(lr=lr, betas=tuple(betas), eps=eps, weight_decay=weight_decay)
         groups = list(param_groups) if param_groups is not None else [{"params": model.params}]
+        self.model = None
         super().__init__(groups, defaults)
         self.model = model
         self.precision = precision
@@ -184,6 +185,21 @@ class Zero1AdamW(torch.optim.Optimizer):
         with torch.no_grad():  # master weights start from the (all-equal) model parameters
             for _, sl, _, p in self._adam_runs:
                 self.master[sl].copy_(p)
+
+    def add_param_group(self, param_group: dict) -> None:
+        """Used by the constructor only: the shard layout is fixed once built.
+
+        (Overridden without torch's ``@torch._disable_dynamo`` wrapper, whose first call
+        imports ``torch._dynamo``: seconds of start-up per rank for nothing we use.)
+        """
+        if getattr(self, "model", None) is not None:
+            raise RuntimeError("Zero1AdamW cannot add parameter groups after construction")
+        group = dict(param_group)
+        params = group["params"]
+        group["params"] = [params] if isinstance(params, torch.Tensor) else list(params)
+        for key, value in self.defaults.items():
+            group.setdefault(key, value)
+        self.param_groups.append(group)
 
     # ------------------------------------------------------------------ mixed precision
     @property
