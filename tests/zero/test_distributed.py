@@ -255,6 +255,7 @@ def all_cases(world):
         (40 * 4 / 2**20, True, "auto", None),
         (1.0, True, "all_reduce", 0.05),  # one bucket; the gloo fallback path; clipping
         (90 * 4 / 2**20, False, "auto", 0.5),
+        (60 * 4 / 2**20, True, "all_to_all", None),  # haillm.parallel's gloo fallback
     ]:
         ddp, opt = case_fp32_equals_torch_adamw(bucket_mb, overlap, rs_impl, clip)
     case_optimizer_bytes(ddp, opt)

@@ -35,7 +35,7 @@ def test_layout_covers_every_element_once(numels, dp, bucket):
         order += b.params
     assert order == list(reversed(range(len(numels))))
     # every parameter element belongs to exactly one segment of exactly one rank
-    seen = [[0] * n for n in numels]
+    pieces: list[list[tuple[int, int]]] = [[] for _ in numels]
     for r, lay in enumerate(layouts):
         for s in lay.segments:
             bucket_ = lay.buckets[s.bucket]
@@ -43,9 +43,11 @@ def test_layout_covers_every_element_once(numels, dp, bucket):
             assert c0 <= s.buffer_start and s.buffer_start + s.numel <= c0 + cn
             assert s.buffer_start == L.param_offsets[s.param] + s.param_start
             assert s.shard_start == lay.shard_offset(s.bucket) + s.buffer_start - c0
-            for k in range(s.param_start, s.param_start + s.numel):
-                seen[s.param][k] += 1
-    assert all(c == 1 for row in seen for c in row)
+            pieces[s.param].append((s.param_start, s.param_start + s.numel))
+    for n, runs in zip(numels, pieces):  # the pieces tile [0, n) without gaps or overlaps
+        runs.sort()
+        assert runs[0][0] == 0 and runs[-1][1] == n
+        assert all(a[1] == b[0] for a, b in zip(runs, runs[1:]))
 
 
 def test_layout_errors():
@@ -117,6 +119,8 @@ def test_errors_single_process():
         Zero1AdamW(ZeroDataParallel(_mlp()), lr=1e-3, precision="fp8")
     with pytest.raises(ValueError, match="max_grad_norm"):
         Zero1AdamW(ZeroDataParallel(_mlp()), lr=1e-3, precision="fp32", max_grad_norm=0.0)
+    with pytest.raises(ValueError, match="reduce_scatter must be"):
+        ZeroDataParallel(_mlp(), reduce_scatter="ring")
     with pytest.raises(ValueError, match="grad_dtype"):
         ZeroDataParallel(_mlp(), grad_dtype=torch.float16)
 

@@ -29,7 +29,7 @@ import torch
 import torch.distributed as dist
 from torch import nn
 
-from haillm.zero.comm import group_rank, group_size, reduce_scatter_async
+from haillm.zero.comm import REDUCE_SCATTER_IMPLS, group_rank, group_size, reduce_scatter_async
 from haillm.zero.layout import Layout, build_layout
 
 __all__ = ["ZeroDataParallel"]
@@ -49,8 +49,8 @@ class ZeroDataParallel(nn.Module):
             the gradient memory at the cost of accumulation precision).
         overlap: launch each bucket's reduce-scatter from the backward hooks (True), or all
             of them in `finish_grad_sync` (False, for comparison).
-        reduce_scatter: ``"auto"``, ``"reduce_scatter"`` or ``"all_reduce"`` (see
-            `haillm.zero.comm.reduce_scatter_async`).
+        reduce_scatter: ``"auto"``, ``"reduce_scatter"``, ``"all_to_all"`` or
+            ``"all_reduce"`` (see `haillm.zero.comm.reduce_scatter_async`).
         check_replicas: verify at wrap time (one all-reduce of a checksum) that every rank of
             `dp_group` holds the same parameters.
 
@@ -71,8 +71,8 @@ class ZeroDataParallel(nn.Module):
             raise ValueError(f"bucket_mb ({bucket_mb}) must be > 0")
         if grad_dtype not in (torch.float32, torch.bfloat16):
             raise ValueError(f"grad_dtype must be torch.float32 or torch.bfloat16, got {grad_dtype}")
-        if reduce_scatter not in ("auto", "reduce_scatter", "all_reduce"):
-            raise ValueError("reduce_scatter must be 'auto', 'reduce_scatter' or 'all_reduce', "
+        if reduce_scatter not in REDUCE_SCATTER_IMPLS:
+            raise ValueError(f"reduce_scatter must be one of {REDUCE_SCATTER_IMPLS}, "
                              f"got {reduce_scatter!r}")
         self.module = module
         self.dp_group = dp_group
