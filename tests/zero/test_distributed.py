@@ -218,6 +218,8 @@ def case_placement_mismatch():
         assert "differ across the ranks of dp_group" in str(e)
     else:
         raise AssertionError("no error for differing replicas")
+    with pytest.raises(ValueError, match="gloo but the parameters are on meta"):
+        ZeroDataParallel(make_model().to("meta"))
 
 
 def case_norm_over_model_parallel_group():

@@ -131,8 +131,8 @@ class ZeroDataParallel(nn.Module):
     def _check_placement(self, check_replicas: bool) -> None:
         if self.dp == 1:
             return
-        backend = dist.get_backend(self.dp_group)
-        if backend == "nccl" and self.device.type != "cuda":
+        backend = str(dist.get_backend(self.dp_group))
+        if "nccl" in backend and "gloo" not in backend and self.device.type != "cuda":
             raise ValueError(f"dp_group uses NCCL but the parameters are on {self.device}: move "
                              "the module to its GPU before wrapping")
         if backend == "gloo" and self.device.type != "cpu":
@@ -140,17 +140,23 @@ class ZeroDataParallel(nn.Module):
                              "an NCCL group for GPU parameters")
         if not check_replicas:
             return
-        # A cheap checksum: count, numel, sum and sum of (index-weighted) squares, in fp64.
-        local = torch.zeros(4, dtype=torch.float64)
+        # A cheap checksum, computed on the device in fp64 (no copy of the parameters):
+        # count, numel, Σx and Σ (i+1)·‖x_i‖² (the index weight catches swapped parameters).
         with torch.no_grad():
-            for i, p in enumerate(self.params):
-                x = p.detach().double().cpu()
-                local += torch.tensor([1.0, x.numel(), x.sum().item(),
-                                       (i + 1) * x.square().sum().item()], dtype=torch.float64)
-        ref = local.clone().to(self.device)
-        dist.broadcast(ref, src=dist.get_global_rank(self.dp_group, 0)
-                       if self.dp_group is not None else 0, group=self.dp_group)
-        ref = ref.cpu()
+            sums = torch.stack([torch.sum(p.detach(), dtype=torch.float64) for p in self.params])
+            sqs = torch.stack([torch.linalg.vector_norm(p.detach(), dtype=torch.float64) ** 2
+                               for p in self.params])
+            weights = torch.arange(1, len(self.params) + 1, dtype=torch.float64,
+                                   device=sums.device)
+            numel = float(sum(p.numel() for p in self.params))
+            local = torch.stack([torch.tensor(float(len(self.params)), dtype=torch.float64,
+                                              device=sums.device),
+                                 torch.tensor(numel, dtype=torch.float64, device=sums.device),
+                                 sums.sum(), (weights * sqs).sum()])
+        ref = local.clone()
+        src = dist.get_global_rank(self.dp_group, 0) if self.dp_group is not None else 0
+        dist.broadcast(ref, src=src, group=self.dp_group)
+        local, ref = local.cpu(), ref.cpu()
         bad = torch.tensor([0.0 if torch.allclose(local, ref, rtol=1e-9, atol=0) else 1.0],
                            device=self.device)
         dist.all_reduce(bad, group=self.dp_group)
