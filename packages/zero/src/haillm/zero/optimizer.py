@@ -229,7 +229,11 @@ class Zero1AdamW(torch.optim.Optimizer):
         self.model.finish_grad_sync()
         stats = torch.zeros(2, dtype=torch.float32, device=self.model.device)
         if self._norm_runs:
-            sq = torch.stack([torch.linalg.vector_norm(g.float()) for _, g in self._norm_runs]) ** 2
+            views = [g for _, g in self._norm_runs]
+            # one multi-tensor kernel on CUDA (torch._foreach_norm), a loop elsewhere
+            norms = (torch._foreach_norm(views) if hasattr(torch, "_foreach_norm")
+                     else [torch.linalg.vector_norm(g) for g in views])
+            sq = torch.stack([n.float() for n in norms]) ** 2
             counted = torch.tensor([c for c, _ in self._norm_runs], device=sq.device)
             stats[0] = sq[counted].sum() if counted.any() else 0.0
             stats[1] = (~torch.isfinite(sq)).sum().float()
