@@ -36,7 +36,8 @@ class VocabParallelEmbedding(nn.Module):
         padding_idx: as in `nn.Embedding` (that row gets no gradient).
         sequence_parallel: reduce-scatter the output along `seq_dim` instead of all-reducing.
         seq_dim: sequence dimension of the ids (default 0; use 1 for (batch, seq) ids).
-        device, dtype: of the table.
+        device: of the table.
+        dtype: of the table.
 
     Shapes:
         ids: (...) int64 in [0, V).

@@ -194,7 +194,8 @@ class ColumnParallelLinear(nn.Module):
         partition_sizes: merged projections, e.g. `[q, k, v]` or `[gate, up]`: the output is
             the concatenation of parts, each split separately over the ranks, so the local
             output is `[q/t, k/t, v/t]` (use `.split_output`). Default: one part.
-        device, dtype: of the parameters.
+        device: of the parameters.
+        dtype: of the parameters.
 
     Shapes:
         x: (..., in) replicated, or under SP (.., s/t, .., in) with the shard along `seq_dim`.
@@ -286,7 +287,8 @@ class RowParallelLinear(nn.Module):
         overlap_sp_comm: SP only: pipeline the GEMM with the reduce-scatter (and, in backward,
             the gradient's all-gather with the input-gradient GEMM) in `sp_chunks` chunks.
         sp_chunks: pipeline depth (reduced to a divisor of s/t).
-        device, dtype: of the parameters.
+        device: of the parameters.
+        dtype: of the parameters.
 
     Shapes:
         x: (..., in/t) (full sequence).
