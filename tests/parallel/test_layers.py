@@ -18,6 +18,7 @@ from torch import nn
 
 from haillm.parallel import (
     ColumnParallelLinear,
+    ParallelDims,
     RowParallelLinear,
     VocabParallelEmbedding,
     vocab_parallel_cross_entropy,
@@ -261,6 +262,7 @@ def _errors():
         lambda: VocabParallelEmbedding(7, 4),
         lambda: RowParallelLinear(4, 4, sequence_parallel=True)(torch.randn(3, 2, 4 // t)),
         lambda: ColumnParallelLinear(4, 4)(torch.randn(3, 5)),
+        lambda: ParallelDims(tp=4),
     ):
         try:
             make()
@@ -278,8 +280,27 @@ def test_errors_name_the_argument():
     assert msgs[3] == "num_embeddings (7) must be divisible by tp (2)"
     assert msgs[4] == "sequence length (3) must be divisible by tp (2)"
     assert msgs[5] == "input last dim (5) must equal in_features (4)"
+    assert msgs[6] == "dp * tp * pp (1 * 4 * 1 = 4) must equal the world size (2)"
 
 
 def test_cross_entropy_shape_error():
     with pytest.raises(ValueError, match=r"target shape \(3,\) must equal"):
         vocab_parallel_cross_entropy(torch.randn(4, 5), torch.zeros(3, dtype=torch.long))
+
+
+def test_degree_one_without_torch_distributed():
+    """No process group at all: every layer is its single-device self."""
+    assert not dist.is_initialized()
+    torch.manual_seed(0)
+    full, emb = nn.Linear(5, 6, dtype=torch.float64), nn.Embedding(7, 3, dtype=torch.float64)
+    x = torch.randn(4, 2, 5, dtype=torch.float64)
+    for sp in (False, True):
+        col = ColumnParallelLinear.from_full(full, sequence_parallel=sp, overlap_sp_comm=sp)
+        assert_close(col(x), full(x))
+        row = RowParallelLinear.from_full(full, sequence_parallel=sp, overlap_sp_comm=sp)
+        assert_close(row(x), full(x))
+    ids = torch.randint(0, 7, (4, 2))
+    assert_close(VocabParallelEmbedding.from_full(emb)(ids), emb(ids))
+    logits = torch.randn(4, 7)
+    target = torch.randint(0, 7, (4,))
+    assert_close(vocab_parallel_cross_entropy(logits, target), F.cross_entropy(logits, target))

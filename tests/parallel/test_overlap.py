@@ -106,3 +106,36 @@ def _pipelined_equals_plain(cases):
 def test_pipelined_chunks_equal_one_shot():
     assert effective_chunks(6, 4) == 3 and effective_chunks(7, 4) == 1 and effective_chunks(2, 8) == 2
     assert all(run(_pipelined_equals_plain, 4, [(1, 4), (4, 4), (6, 4), (5, 3)]))
+
+
+def _sp_grad_helpers():
+    """Norm weights under SP: per-rank grads cover s/t tokens; helper and hooks sum them,
+    and the hooks stay right with gradient accumulation (two backward passes)."""
+    from haillm.parallel import (
+        allreduce_sequence_parallel_grads,
+        mark_sequence_parallel,
+        register_sequence_parallel_grad_hooks,
+    )
+
+    t, r = dist.get_world_size(), dist.get_rank()
+    torch.manual_seed(0)
+    ln = nn.LayerNorm(4, dtype=torch.float64)
+    xs = [torch.randn(2 * t, 4, dtype=torch.float64) for _ in range(2)]
+    for x in xs:  # reference: two accumulated backward passes on the full sequence
+        ln(x).square().sum().backward()
+    ref = ln.weight.grad.clone()
+    a, b = nn.LayerNorm(4, dtype=torch.float64), nn.LayerNorm(4, dtype=torch.float64)
+    mark_sequence_parallel(a.weight, a.bias, b.weight, b.bias)
+    handles = register_sequence_parallel_grad_hooks(b)
+    for x in xs:
+        a(x.chunk(t)[r]).square().sum().backward()
+        b(x.chunk(t)[r]).square().sum().backward()
+    assert allreduce_sequence_parallel_grads(a) == 2
+    assert_close(a.weight.grad, ref)
+    assert_close(b.weight.grad, ref)
+    assert len(handles) == (2 if t > 1 else 0)
+    return True
+
+
+def test_sequence_parallel_norm_grads_with_accumulation():
+    assert all(run(_sp_grad_helpers, 2))
