@@ -304,3 +304,35 @@ def test_degree_one_without_torch_distributed():
     logits = torch.randn(4, 7)
     target = torch.randint(0, 7, (4,))
     assert_close(vocab_parallel_cross_entropy(logits, target), F.cross_entropy(logits, target))
+
+
+def _autocast_cases(seed):
+    """Under torch.autocast(bf16) the layers behave like nn.Linear under autocast: bf16
+    output, fp32 parameter gradients, within the low-precision rule of the fp32 truth."""
+    from tests.helpers import assert_lowp_close
+
+    t, r = dist.get_world_size(), dist.get_rank()
+    torch.manual_seed(seed)
+    fc1, fc2 = nn.Linear(16, 8 * t), nn.Linear(8 * t, 16)
+    x = torch.randn(4 * t, 2, 16)
+    truth = fc2(F.gelu(fc1(x.to(torch.bfloat16).float())))  # fp32 from the rounded input
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        ref = fc2(F.gelu(fc1(x)))
+    for sp in (False, True):
+        col = ColumnParallelLinear.from_full(fc1, sequence_parallel=sp)
+        row = RowParallelLinear.from_full(fc2, sequence_parallel=sp)
+        xin = x.chunk(t)[r] if sp else x
+        with torch.autocast("cpu", dtype=torch.bfloat16):
+            y = row(F.gelu(col(xin)))
+        assert y.dtype == torch.bfloat16
+        y.float().sum().backward()
+        assert col.weight.grad.dtype == torch.float32 and row.bias.grad.dtype == torch.float32
+        # t partial sums are rounded to bf16 before the reduction (as in Megatron): allow 2t
+        assert_lowp_close(y, ref.chunk(t)[r] if sp else ref, truth.chunk(t)[r] if sp else truth,
+                          factor=2.0 * t, name=f"autocast sp={sp}")
+    return True
+
+
+@pytest.mark.parametrize("world_size", [1, 2])
+def test_autocast_bf16_like_nn_linear(world_size):
+    assert all(run(_autocast_cases, world_size, 5))

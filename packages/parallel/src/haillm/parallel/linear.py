@@ -165,6 +165,31 @@ class _RowParallelLinearFn(torch.autograd.Function):
         return grad_x, grad_w, grad_b, None, None, None, None
 
 
+def _autocast_dtype(x: torch.Tensor) -> torch.dtype | None:
+    """The autocast dtype for x's device if autocast is on there, else None."""
+    dev = x.device.type
+    if not torch.is_autocast_enabled(dev):
+        return None
+    get = getattr(torch, "get_autocast_dtype", None)  # torch >= 2.4
+    if get is not None:
+        return get(dev)
+    return torch.get_autocast_gpu_dtype() if dev == "cuda" else torch.get_autocast_cpu_dtype()
+
+
+def _apply(fn: Any, x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None,
+           *args: Any) -> torch.Tensor:
+    """Run a linear Function like `nn.Linear` under autocast: cast x, W, b to the autocast dtype
+    (differentiable casts: fp32 parameters get fp32 gradients) and run the Function with
+    autocast off, so forward and backward GEMMs see one dtype."""
+    dt = _autocast_dtype(x)
+    if dt is None:
+        return fn.apply(x, weight, bias, *args)
+    x, weight = x.to(dt), weight.to(dt)
+    bias = bias.to(dt) if bias is not None else None
+    with torch.autocast(x.device.type, enabled=False):
+        return fn.apply(x, weight, bias, *args)
+
+
 def _init_linear_(weight: torch.Tensor, bias: torch.Tensor | None, fan_in: int) -> None:
     # nn.Linear's default init, with the fan-in of the *full* layer: U(-1/sqrt(in), 1/sqrt(in)).
     bound = 1.0 / math.sqrt(fan_in) if fan_in > 0 else 0.0
@@ -234,9 +259,8 @@ class ColumnParallelLinear(nn.Module):
             raise ValueError(f"input last dim ({x.shape[-1]}) must equal in_features ({self.in_features})")
         seq_dim = self.seq_dim % x.dim()
         chunks = self.sp_chunks if (self.sequence_parallel and self.overlap_sp_comm) else 1
-        y = _ColumnParallelLinearFn.apply(x, self.weight, self.bias, self.group,
-                                          self.sequence_parallel, seq_dim,
-                                          self.overlap_grad_comm, chunks)
+        y = _apply(_ColumnParallelLinearFn, x, self.weight, self.bias, self.group,
+                   self.sequence_parallel, seq_dim, self.overlap_grad_comm, chunks)
         if self.gather_output:
             y = gather_from_tensor_parallel_region(y, self.group)
             if len(self.partition_sizes) > 1:  # (p0/t, p1/t, ...) per rank → (p0, p1, ...)
@@ -323,8 +347,8 @@ class RowParallelLinear(nn.Module):
             raise ValueError(f"input last dim ({x.shape[-1]}) must equal in_features / tp "
                              f"({self.in_features} / {self.tp} = {self.in_features // self.tp})")
         chunks = self.sp_chunks if (self.sequence_parallel and self.overlap_sp_comm) else 1
-        return _RowParallelLinearFn.apply(x, self.weight, self.bias, self.group,
-                                          self.sequence_parallel, self.seq_dim % x.dim(), chunks)
+        return _apply(_RowParallelLinearFn, x, self.weight, self.bias, self.group,
+                      self.sequence_parallel, self.seq_dim % x.dim(), chunks)
 
     @classmethod
     def from_full(cls, module: nn.Linear, *, group: Any = None, **kw: Any) -> RowParallelLinear:
