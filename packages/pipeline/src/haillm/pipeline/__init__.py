@@ -1,3 +1,32 @@
-"""haillm.pipeline: Pipeline parallelism: GPipe, 1F1B and interleaved 1F1B schedules with a P2P executor."""
+"""haillm.pipeline: pipeline parallelism with GPipe, 1F1B and interleaved 1F1B schedules.
 
-__all__: list[str] = []
+* `schedules`: the schedules as data (lists of `Action` per stage).
+* `simulate`: an event simulation of those lists -> `Timeline` (bubble, in-flight activations).
+* `draw`: SVG and text pictures of a `Timeline` (simulated or measured).
+* `executor`: `PipelineExecutor`, which runs one stage's list for real over torch.distributed.
+"""
+
+from .schedules import (
+    Action,
+    schedule_1f1b,
+    schedule_gpipe,
+    schedule_interleaved_1f1b,
+    validate_schedules,
+)
+from .executor import PipelineExecutor
+from .p2p import TensorSpec, check_message_order
+from .simulate import OpRecord, Timeline, simulate
+
+__all__ = [
+    "Action",
+    "OpRecord",
+    "PipelineExecutor",
+    "TensorSpec",
+    "Timeline",
+    "check_message_order",
+    "schedule_1f1b",
+    "schedule_gpipe",
+    "schedule_interleaved_1f1b",
+    "simulate",
+    "validate_schedules",
+]
