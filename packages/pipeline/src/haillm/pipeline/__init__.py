@@ -6,6 +6,8 @@
 * `executor`: `PipelineExecutor`, which runs one stage's list for real over torch.distributed.
 """
 
+from .executor import PipelineExecutor
+from .p2p import TensorSpec, check_message_order
 from .schedules import (
     Action,
     schedule_1f1b,
@@ -13,8 +15,6 @@ from .schedules import (
     schedule_interleaved_1f1b,
     validate_schedules,
 )
-from .executor import PipelineExecutor
-from .p2p import TensorSpec, check_message_order
 from .simulate import OpRecord, Timeline, simulate
 
 __all__ = [

@@ -44,8 +44,15 @@ import torch
 import torch.distributed as dist
 from torch import nn
 
-from .p2p import TensorSpec, check_message_order, flatten_like, normalize_spec, spec_leaves, unflatten
-from .schedules import Action, schedule_1f1b, schedule_gpipe, schedule_interleaved_1f1b
+from .p2p import (
+    TensorSpec,
+    check_message_order,
+    flatten_like,
+    normalize_spec,
+    spec_leaves,
+    unflatten,
+)
+from .schedules import Action, schedule_gpipe, schedule_interleaved_1f1b
 from .simulate import OpRecord, Timeline
 
 __all__ = ["PipelineExecutor", "TensorSpec"]
@@ -185,7 +192,7 @@ class PipelineExecutor:
             if sched not in builders:
                 raise ValueError(f"schedule must be 'gpipe', '1f1b' or 'interleaved', got {sched!r}")
             if sched == "gpipe" and v > 1:
-                raise ValueError("schedule='gpipe' runs one chunk per stage; got %d chunks" % v)
+                raise ValueError(f"schedule='gpipe' runs one chunk per stage; got {v} chunks")
             build = builders[sched]
         elif callable(sched):
             def build(st: int) -> list[Action]:
