@@ -6,6 +6,7 @@
 * `executor`: `PipelineExecutor`, which runs one stage's list for real over torch.distributed.
 """
 
+from .draw import draw_timeline, format_timeline
 from .executor import PipelineExecutor
 from .p2p import TensorSpec, check_message_order
 from .schedules import (
@@ -24,6 +25,8 @@ __all__ = [
     "TensorSpec",
     "Timeline",
     "check_message_order",
+    "draw_timeline",
+    "format_timeline",
     "schedule_1f1b",
     "schedule_gpipe",
     "schedule_interleaved_1f1b",
