@@ -119,6 +119,8 @@ def _pipeline_cases(cases):
             assert ex.peak_inflight == min(p - s, m), what
         if schedule == "gpipe":
             assert ex.peak_inflight == m, what
+        if kind == "tensor" and s < p - 1:  # every sent output's storage was released
+            assert ex.released_outputs == m * v, (what, ex.released_outputs)
     return pairs
 
 
@@ -158,3 +160,33 @@ def test_single_stage_without_process_group():
     assert len(losses) == 3
     for a, b in zip(layers.parameters(), ref.parameters()):
         assert_close(a.grad, b.grad)
+
+
+def test_errors_name_the_problem():
+    layer = _make_layers(1, "tensor", 0)[0]
+    x = [torch.randn(2, HIDDEN, dtype=torch.float64)]
+    with pytest.raises(ValueError, match="loss_fn is required on the last pipeline stage"):
+        PipelineExecutor(layer, tensor_shapes=(2, HIDDEN))
+    ex = PipelineExecutor(layer, loss_fn=_loss, tensor_shapes=(2, HIDDEN), schedule="zigzag")
+    with pytest.raises(ValueError, match="schedule must be 'gpipe', '1f1b' or 'interleaved'"):
+        ex.run(x, x)
+    ex = PipelineExecutor(layer, loss_fn=_loss, tensor_shapes=(2, HIDDEN))
+    with pytest.raises(ValueError, match="targets are required on the last pipeline stage"):
+        ex.run(x)
+    with pytest.raises(ValueError, match="got 1 micro-batches but num_microbatches=2"):
+        ex.run(x, x, num_microbatches=2)
+    with pytest.raises(ValueError, match="needs a list of >= 2 chunks"):
+        PipelineExecutor(layer, loss_fn=_loss, tensor_shapes=(2, HIDDEN), schedule="interleaved")
+    with pytest.raises(TypeError, match="tensor_shapes: cannot read"):
+        PipelineExecutor(layer, loss_fn=_loss, tensor_shapes="big")
+
+
+def test_declared_shape_is_checked():
+    """A stage whose output disagrees with tensor_shapes fails before anything is sent."""
+    from haillm.pipeline.p2p import flatten_like, normalize_spec
+
+    spec = normalize_spec({"h": (2, 3), "ids": TensorSpec((2,), torch.int64)}, torch.float32)
+    with pytest.raises(ValueError, match=r"activation\['h'\]: got shape \(2, 4\)"):
+        flatten_like({"h": torch.zeros(2, 4), "ids": torch.zeros(2, dtype=torch.int64)}, spec)
+    with pytest.raises(ValueError, match="expected a dict with keys"):
+        flatten_like(torch.zeros(2, 3), spec)

@@ -113,6 +113,7 @@ class PipelineExecutor:
         records: this rank's `OpRecord`s of the last `run` (when ``record=True``), in seconds
             since a barrier at the start of `run`.
         peak_inflight: peak number of (micro-batch, chunk) activations alive in the last run.
+        released_outputs: how many sent outputs had their storage released in the last run.
     """
 
     def __init__(
@@ -161,6 +162,7 @@ class PipelineExecutor:
         self.free_outputs = free_outputs
         self.records: list[OpRecord] = []
         self.peak_inflight = 0
+        self.released_outputs = 0
         if self.is_last_virtual(self.num_chunks - 1) and loss_fn is None:
             raise ValueError("loss_fn is required on the last pipeline stage")
         if schedule == "interleaved" and self.num_chunks < 2:
@@ -253,7 +255,7 @@ class PipelineExecutor:
         self._mailbox: list[torch.Tensor] = []  # same-rank messages (p == 1), in order
         self._pending: list[tuple[Any, torch.Tensor | None]] = []  # (send work, to release)
         self._losses: list[torch.Tensor] = []
-        self.records, self.peak_inflight = [], 0
+        self.records, self.peak_inflight, self.released_outputs = [], 0, 0
         if self.record and dist.is_initialized():
             dist.barrier(group=self.group)
         self._t0 = time.perf_counter()
@@ -333,6 +335,7 @@ class PipelineExecutor:
             if work is None or work.is_completed():
                 if t is not None:
                     _release_storage(t)
+                    self.released_outputs += 1
             else:
                 keep.append((work, t))
         self._pending = keep
