@@ -73,11 +73,6 @@ def draw_timeline(
         f'<rect width="{width}" height="{height}" fill="white"/>',
         f'<text x="{left}" y="18" font-size="13" fill="#222">{escape(title)}</text>',
     ]
-    # Legend: forward / backward swatches.
-    lx = width - right - 190
-    for i, (name, col) in enumerate((("forward", _FWD[0]), ("backward", _BWD[1]))):
-        out.append(f'<rect x="{lx + 95 * i}" y="8" width="12" height="12" fill="{col}"/>')
-        out.append(f'<text x="{lx + 95 * i + 16}" y="18" font-size="12">{name}</text>')
     for s in range(p):
         y = top + s * row_height
         # The row background shows through wherever the stage idles: that is the bubble.
@@ -119,6 +114,10 @@ def draw_timeline(
                    f'text-anchor="middle">{t:.3g}{escape(time_unit)}</text>')
     out.append(f'<text x="{left + plot_w / 2}" y="{ya + 32}" font-size="11" text-anchor="middle" '
                'fill="#555">time (grey: idle = pipeline bubble)</text>')
+    # Legend: forward / backward swatches, bottom left.
+    for i, (name, col) in enumerate((("forward", _FWD[0]), ("backward", _BWD[0]))):
+        out.append(f'<rect x="{left + 95 * i}" y="{ya + 23}" width="12" height="12" fill="{col}"/>')
+        out.append(f'<text x="{left + 95 * i + 16}" y="{ya + 33}" font-size="12">{name}</text>')
     out.append("</svg>")
     svg = "\n".join(out) + "\n"
     if path is not None:
