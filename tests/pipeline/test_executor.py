@@ -6,6 +6,8 @@ runs inside it, comparing loss and every parameter gradient with the unsplit mod
 
 from __future__ import annotations
 
+import contextlib
+
 import pytest
 import torch
 import torch.distributed as dist
@@ -154,10 +156,21 @@ def test_single_stage_without_process_group():
     ref = _make_layers(3, "tensor", 0)
     x, y = torch.randn(6, HIDDEN, dtype=torch.float64), torch.randn(6, HIDDEN, dtype=torch.float64)
     _loss(_run_layers(ref, x), y).backward()
+    seen = []
+
+    @contextlib.contextmanager
+    def ctx(chunk, is_last):
+        seen.append(("enter", chunk, is_last))
+        yield
+        seen.append(("exit", chunk, is_last))
+
     ex = PipelineExecutor(nn.Sequential(*layers), loss_fn=_loss, tensor_shapes=(2, HIDDEN),
-                          dtype=torch.float64)
+                          dtype=torch.float64, backward_context=ctx,
+                          on_last_backward=lambda c: seen.append(("last", c)))
     losses = ex.run(list(x.chunk(3)), list(y.chunk(3)))
     assert len(losses) == 3
+    assert seen == [("enter", 0, False), ("exit", 0, False)] * 2 + [
+        ("last", 0), ("enter", 0, True), ("exit", 0, True)]
     for a, b in zip(layers.parameters(), ref.parameters()):
         assert_close(a.grad, b.grad)
 
