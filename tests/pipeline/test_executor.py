@@ -203,3 +203,23 @@ def test_declared_shape_is_checked():
         flatten_like({"h": torch.zeros(2, 4), "ids": torch.zeros(2, dtype=torch.int64)}, spec)
     with pytest.raises(ValueError, match="expected a dict with keys"):
         flatten_like(torch.zeros(2, 3), spec)
+
+
+def test_unflatten_holds_no_reference_cycle():
+    """Received activations must die with their last reference, not at the next gc run."""
+    import gc
+    import weakref
+
+    from haillm.pipeline.p2p import normalize_spec, unflatten
+
+    spec = normalize_spec({"h": (2, 3), "pair": [(2,), (1,)]}, torch.float32)
+    leaves = [torch.randn(2, 3), torch.randn(2), torch.randn(1)]
+    refs = [weakref.ref(t) for t in leaves]
+    gc.disable()
+    try:
+        out = unflatten(spec, leaves)
+        assert out["pair"][1] is leaves[2]
+        del out, leaves
+        assert all(r() is None for r in refs)
+    finally:
+        gc.enable()

@@ -15,6 +15,7 @@ from haillm.pipeline import (
     simulate,
     validate_schedules,
 )
+from haillm.pipeline.p2p import batches_complete_in_lockstep
 
 P = st.integers(1, 6)
 M = st.integers(1, 12)
@@ -87,6 +88,21 @@ def test_interleaving_lowers_the_bubble(p, groups, v, cost):
     inter = simulate(_all("interleaved", p, m, v), forward_time=cost[0], backward_time=cost[1])
     assert inter.bubble_fraction < plain.bubble_fraction
     assert inter.bubble_fraction == pytest.approx((p - 1) / (v * m + p - 1), abs=1e-12)
+
+
+@given(P, M)
+def test_gpipe_and_1f1b_batches_can_wait_for_sends(p, m):
+    """Megatron's protocol (wait for sends too) cannot deadlock for GPipe and 1F1B."""
+    assert batches_complete_in_lockstep(_all("gpipe", p, m), p, 1)
+    assert batches_complete_in_lockstep(_all("1f1b", p, m), p, 1)
+    v = 2
+    assert batches_complete_in_lockstep(_all("interleaved", p, p, v), p, v)
+
+
+def test_lockstep_detects_a_send_send_cycle():
+    # Interleaved with m > p: stage 0 and stage 1 both send before receiving what the other
+    # sends later, so waiting for sends would deadlock; the executor then defers them.
+    assert not batches_complete_in_lockstep(_all("interleaved", 2, 4, 2), 2, 2)
 
 
 def test_1f1b_shape_by_hand():

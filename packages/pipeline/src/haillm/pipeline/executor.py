@@ -11,10 +11,13 @@ How it stays deadlock-free and correct (the teaching points):
 
 * **Batched P2P, sends paired with the next receive.** Before action ``i`` the executor posts,
   in one ``dist.batch_isend_irecv``, the sends produced by action ``i - 1`` and the receive
-  action ``i`` needs (Megatron's ``send_forward_recv_backward`` pairing). It waits only for
-  the receive; sends complete in the background. A rank therefore never blocks on a peer
-  that is itself blocked on a send, and since the schedules' dependency graph is acyclic
-  (`simulate` proves it) every receive is eventually satisfied.
+  action ``i`` needs (Megatron's ``send_forward_recv_backward`` pairing). Like Megatron it
+  then waits for the whole batch, sends included, *if* that protocol provably cannot
+  deadlock for these schedules (`batches_complete_in_lockstep` plays it on all stages' lists:
+  true for GPipe and 1F1B, false for interleaved 1F1B with ``m > p``). Otherwise it waits only
+  for the receive and lets sends complete in the background (waited for at the end of `run`):
+  a rank then never blocks on a peer that is itself blocked on a send, and since the
+  dependency graph is acyclic (`simulate` proves it) every receive is eventually satisfied.
 * **Messages match in posting order** (NCCL ignores tags): `check_message_order` verifies from
   the schedules that every receiver posts its receives in the order the sender sends.
 * **Loss on the last stage**, divided by ``m`` so that the gradients accumulated over the
@@ -27,7 +30,9 @@ How it stays deadlock-free and correct (the teaching points):
   created, not against ``out.data``, so we start the backward through the engine directly
   (``run_backward``) rather than ``torch.autograd.backward`` (which compares with
   ``out.shape``). If the last op saved its own output (e.g. ``tanh``), autograd holds a second
-  reference and nothing is freed, but the result stays correct.
+  reference and nothing is freed, but the result stays correct. The storage can only go once
+  the send has completed: right after the batch in lockstep mode, at the end of `run` in
+  deferred mode (gloo marks a send complete only when it is waited for).
 
 The real one (Megatron-core) adds: variable sequence lengths, overlapping P2P with compute
 through separate streams, and forward-only (inference) schedules.
@@ -46,6 +51,7 @@ from torch import nn
 
 from .p2p import (
     TensorSpec,
+    batches_complete_in_lockstep,
     check_message_order,
     flatten_like,
     normalize_spec,
@@ -163,6 +169,7 @@ class PipelineExecutor:
         self.records: list[OpRecord] = []
         self.peak_inflight = 0
         self.released_outputs = 0
+        self._lockstep = False
         if self.is_last_virtual(self.num_chunks - 1) and loss_fn is None:
             raise ValueError("loss_fn is required on the last pipeline stage")
         if schedule == "interleaved" and self.num_chunks < 2:
@@ -201,12 +208,14 @@ class PipelineExecutor:
                 return list(sched(p, m, st, v) if v > 1 else sched(p, m, st))
         else:
             mine = list(sched)
+            self._lockstep = False  # the other stages' lists are unknown: never wait on sends
             got_m = 1 + max(a.microbatch for a in mine)
             if got_m != m:
                 raise ValueError(f"the explicit schedule covers {got_m} micro-batches, run got {m}")
             return mine
         everyone = [build(st) for st in range(p)]
         check_message_order(everyone, p, v)
+        self._lockstep = batches_complete_in_lockstep(everyone, p, v)
         return everyone[s]
 
     # ------------------------------------------------------------------ running
@@ -314,14 +323,16 @@ class PipelineExecutor:
         if recv is not None and recv[0] != self.rank:
             ops += [dist.P2POp(dist.irecv, b, recv[0], group=self.group) for b in recv[2]]
         works = dist.batch_isend_irecv(ops) if ops else []
-        if len(works) == len(ops):  # one work per op (gloo)
-            self._pending += [(w, t) for w, (_, t) in zip(works, sent)]
-            for w in works[len(sent):]:
-                w.wait()
-        else:  # backends that coalesce the batch (NCCL) return one work for all of it
+        if self._lockstep or len(works) != len(ops):
+            # Megatron's protocol (and what coalescing backends such as NCCL return anyway):
+            # wait for the whole batch, sends included, so sent outputs can be freed now.
             for w in works:
                 w.wait()
             self._pending += [(None, t) for _, t in sent]
+        else:  # deferred: sends complete in the background, waited for at the end of `run`
+            self._pending += [(w, t) for w, (_, t) in zip(works, sent)]
+            for w in works[len(sent):]:
+                w.wait()
         if recv is None:
             return None
         if recv[0] == self.rank:

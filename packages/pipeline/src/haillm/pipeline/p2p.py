@@ -98,16 +98,18 @@ def flatten_like(value: Any, spec: Any, *, what: str = "activation") -> list[tor
 
 def unflatten(spec: Any, leaves: Sequence[torch.Tensor]) -> Any:
     """Inverse of `flatten_like`: rebuild ``spec``'s structure around ``leaves``."""
-    it = iter(leaves)
+    return _build(spec, iter(leaves))
 
-    def build(s: Any) -> Any:
-        if isinstance(s, TensorSpec):
-            return next(it)
-        if isinstance(s, dict):
-            return {k: build(v) for k, v in s.items()}
-        return type(s)(build(v) for v in s)
 
-    return build(spec)
+def _build(spec: Any, it: Any) -> Any:
+    # A module-level helper on purpose: a recursive closure would form a reference cycle
+    # (function -> cell -> function) holding the leaves, i.e. every received activation,
+    # until the garbage collector happens to run.
+    if isinstance(spec, TensorSpec):
+        return next(it)
+    if isinstance(spec, dict):
+        return {k: _build(v, it) for k, v in spec.items()}
+    return type(spec)(_build(v, it) for v in spec)
 
 
 def message_plan(schedules: Sequence[Sequence[Action]], p: int, v: int):
@@ -152,3 +154,59 @@ def check_message_order(schedules: Sequence[Sequence[Action]], p: int, v: int) -
                 f"{a[i] if i < len(a) else None} but stage {pair[1]} expects "
                 f"{b[i] if i < len(b) else None} (messages are matched in order)"
             )
+
+
+def batches_complete_in_lockstep(schedules: Sequence[Sequence[Action]], p: int, v: int) -> bool:
+    """Whether waiting for *every* op of each P2P batch (sends too) can never deadlock.
+
+    The executor posts, before action ``i``, one batch: the sends produced by action ``i - 1``
+    and the receive action ``i`` needs. Megatron waits for the whole batch; a send then
+    completes only when the receiver has posted the matching receive (a rendezvous). This
+    plays that protocol on the schedules: a rank leaves batch ``i`` once every op in it has its
+    counterpart posted by the peer. Returns False if some ranks would wait for each other.
+    """
+    nvirt = p * v
+    # For every stage, the list of batches; an op is (peer stage, channel, index on channel).
+    batches: list[list[list[tuple[int, tuple[int, int], int]]]] = []
+    sent: dict[tuple[int, int], int] = {}
+    recvd: dict[tuple[int, int], int] = {}
+    where: dict[tuple[str, tuple[int, int], int], tuple[int, int]] = {}  # op -> (stage, batch)
+    for s, sched in enumerate(schedules):
+        mine: list[list[tuple[int, tuple[int, int], int]]] = [[] for _ in range(len(sched) + 1)]
+        for i, a in enumerate(sched):
+            q = a.chunk * p + s
+            if a.kind == "F":
+                src = (q - 1) % p if q > 0 else None
+                dst = (q + 1) % p if q < nvirt - 1 else None
+            else:
+                src = (q + 1) % p if q < nvirt - 1 else None
+                dst = (q - 1) % p if q > 0 else None
+            if src is not None and src != s:  # receive before action i: batch i
+                ch = (src, s)
+                k = recvd[ch] = recvd.get(ch, -1) + 1
+                mine[i].append((src, ch, k))
+                where[("recv", ch, k)] = (s, i)
+            if dst is not None and dst != s:  # send after action i: batch i + 1
+                ch = (s, dst)
+                k = sent[ch] = sent.get(ch, -1) + 1
+                mine[i + 1].append((dst, ch, k))
+                where[("send", ch, k)] = (s, i + 1)
+        batches.append(mine)
+    pos = [0] * p
+    progressed = True
+    while progressed:
+        progressed = False
+        for s in range(p):
+            while pos[s] < len(batches[s]):
+                ready = True
+                for _, ch, k in batches[s][pos[s]]:
+                    other = ("recv" if ch[0] == s else "send", ch, k)
+                    peer, j = where[other]
+                    if pos[peer] < j:
+                        ready = False
+                        break
+                if not ready:
+                    break
+                pos[s] += 1
+                progressed = True
+    return all(pos[s] == len(batches[s]) for s in range(p))
