@@ -1,19 +1,35 @@
-"""haillm.fusedops: fused LayerNorm/RMSNorm, fused AdamW, in-place cross-entropy, fused GEMMs."""
+"""haillm.fusedops: fused LayerNorm/RMSNorm, fused AdamW, in-place cross-entropy, fused GEMMs.
 
+Every op has a plain-PyTorch path (`impl="torch"`, the reference, used on CPU) and a Triton
+path (`impl="triton"`, used on CUDA with `impl="auto"`).
+"""
+
+# --- norms, AdamW, in-place cross-entropy (issue 4: haillm-fusedops) -------------------------
+from haillm.fusedops.adamw import adamw_step_
 from haillm.fusedops.adamw_reference import adamw_step_reference_
+from haillm.fusedops.cross_entropy import inplace_cross_entropy
+from haillm.fusedops.cross_entropy_reference import cross_entropy_reference
+from haillm.fusedops.norm_reference import layer_norm_reference, rms_norm_reference
+from haillm.fusedops.norms import LayerNorm, RMSNorm, layer_norm, rms_norm
+from haillm.fusedops.optimizer import FusedAdamW
 
+# --- end of issue-4 imports -------------------------------------------------------------------
 
-def adamw_step_(param, grad, exp_avg, exp_avg_sq, *, step, lr, beta1, beta2, eps, weight_decay,
-                param_copy=None, impl="auto"):
-    """One fused AdamW step on flat fp32 buffers (see `adamw_step_reference_` for the maths).
+# --- fused GEMMs (issue 5): linear_swiglu, linear_residual, ... (merged by the lead) ----------
+# --- end of issue-5 imports -------------------------------------------------------------------
 
-    Placeholder dispatcher: only the PyTorch reference exists so far; the Triton kernel and
-    `FusedAdamW` land with the fusedops work.
-    """
-    if impl not in ("auto", "reference", "torch"):
-        raise ValueError(f"impl={impl!r} is not available yet; use 'reference'")
-    adamw_step_reference_(param, grad, exp_avg, exp_avg_sq, step=step, lr=lr, beta1=beta1,
-                          beta2=beta2, eps=eps, weight_decay=weight_decay, param_copy=param_copy)
-
-
-__all__ = ["adamw_step_", "adamw_step_reference_"]
+__all__ = [
+    # issue 4: norms, AdamW, in-place cross-entropy
+    "FusedAdamW",
+    "LayerNorm",
+    "RMSNorm",
+    "adamw_step_",
+    "adamw_step_reference_",
+    "cross_entropy_reference",
+    "inplace_cross_entropy",
+    "layer_norm",
+    "layer_norm_reference",
+    "rms_norm",
+    "rms_norm_reference",
+    # issue 5: fused GEMMs
+]

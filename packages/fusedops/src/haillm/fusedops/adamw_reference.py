@@ -33,9 +33,16 @@ def adamw_step_reference_(
     """One AdamW step, in place, on flat fp32 buffers of equal shape (N,).
 
     Args:
-        param, exp_avg, exp_avg_sq: (N,) fp32, updated in place.
+        param: (N,) fp32 master parameters, updated in place.
         grad: (N,) any float dtype (upcast to fp32).
+        exp_avg: (N,) fp32 first moment, updated in place.
+        exp_avg_sq: (N,) fp32 second moment, updated in place.
         step: the step number *after* this update (1 for the first step): bias correction.
+        lr: learning rate.
+        beta1: decay of the first moment.
+        beta2: decay of the second moment.
+        eps: added to the denominator.
+        weight_decay: decoupled weight decay coefficient.
         param_copy: optional (N,) low-precision copy (bf16/fp16) written from the new param.
     """
     g = grad.float()
