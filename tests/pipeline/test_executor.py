@@ -223,3 +223,33 @@ def test_unflatten_holds_no_reference_cycle():
         assert all(r() is None for r in refs)
     finally:
         gc.enable()
+
+
+def _dims_case():
+    """dp=2 x pp=2 on 4 ranks: two independent pipelines, built from ParallelDims."""
+    from haillm.parallel import ParallelDims
+
+    dims = ParallelDims(dp=2, tp=1, pp=2).build()
+    s, m, mb = dims.pp_rank, 4, 2
+    ref, mine = _make_layers(4, "tensor", 7), _make_layers(4, "tensor", 7)
+    g = torch.Generator().manual_seed(100 + dims.dp_rank)  # each replica its own data
+    x = torch.randn(m * mb, HIDDEN, generator=g, dtype=torch.float64)
+    y = torch.randn(m * mb, HIDDEN, generator=g, dtype=torch.float64)
+    _loss(_run_layers(ref, x), y).backward()
+    ex = PipelineExecutor.from_parallel_dims(
+        dims, nn.Sequential(*mine[2 * s:2 * s + 2]), loss_fn=_loss,
+        tensor_shapes=(mb, HIDDEN), dtype=torch.float64)
+    assert (ex.stage, ex.num_stages) == (s, 2)
+    ex.run(list(x.chunk(m)) if dims.is_first_stage else None,
+           list(y.chunk(m)) if dims.is_last_stage else None, num_microbatches=m)
+    return [(f"dp {dims.dp_rank} layer {i}", a.grad, b.grad)
+            for i in range(2 * s, 2 * s + 2)
+            for a, b in zip(mine[i].parameters(), ref[i].parameters())]
+
+
+def test_from_parallel_dims():
+    out = run_distributed(_dims_case, 4, timeout=120, start_method="fork")
+    for pairs in out:
+        assert len(pairs) == 4
+        for what, actual, expected in pairs:
+            assert_close(actual, expected, msg=what)

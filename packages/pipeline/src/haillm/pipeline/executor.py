@@ -175,6 +175,19 @@ class PipelineExecutor:
         if schedule == "interleaved" and self.num_chunks < 2:
             raise ValueError('schedule="interleaved" needs a list of >= 2 chunks per stage')
 
+    @classmethod
+    def from_parallel_dims(
+        cls, dims: Any, chunks: nn.Module | Sequence[nn.Module], **kwargs: Any
+    ) -> PipelineExecutor:
+        """Build the executor on the pipeline group of a built ``haillm.parallel.ParallelDims``.
+
+        Args:
+            dims: a built `ParallelDims` (anything with a ``pp_group`` attribute works).
+            chunks: this rank's stage module(s), as for the constructor.
+            **kwargs: the constructor's keyword arguments (``loss_fn``, ``tensor_shapes``, ...).
+        """
+        return cls(chunks, group=dims.pp_group, **kwargs)
+
     # ------------------------------------------------------------------ topology
     def _virtual(self, chunk: int) -> int:
         return chunk * self.num_stages + self.stage
