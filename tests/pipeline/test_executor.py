@@ -114,6 +114,7 @@ def _pipeline_cases(cases):
                         continue
                     pairs.append((f"{what}: layer {i} {name}", pa.grad, pb.grad))
         assert sorted(calls) == list(range(v)), (what, calls)
+        assert ex._lockstep, f"{what}: built-in schedules run Megatron's lockstep protocol"
         assert 1 <= ex.peak_inflight <= m * v
         tl = ex.gather_timeline()
         assert len(tl.ops) == 2 * m * v * p

@@ -14,10 +14,13 @@ How it stays deadlock-free and correct (the teaching points):
   action ``i`` needs (Megatron's ``send_forward_recv_backward`` pairing). Like Megatron it
   then waits for the whole batch, sends included, *if* that protocol provably cannot
   deadlock for these schedules (`batches_complete_in_lockstep` plays it on all stages' lists:
-  true for GPipe and 1F1B, false for interleaved 1F1B with ``m > p``). Otherwise it waits only
-  for the receive and lets sends complete in the background (waited for at the end of `run`):
-  a rank then never blocks on a peer that is itself blocked on a send, and since the
-  dependency graph is acyclic (`simulate` proves it) every receive is eventually satisfied.
+  true for GPipe and 1F1B; for interleaved 1F1B with ``m > p`` only when a steady-state
+  forward and backward share one batch, Megatron's ``send_forward_backward_recv_forward_
+  backward``, which `group_steps(pair=True)` reproduces). For a schedule where neither is
+  safe it waits only for the receives and lets sends complete in the background (waited
+  for at the end of `run`): a rank then never blocks on a peer that is itself blocked on a
+  send, and since the dependency graph is acyclic (`simulate` proves it) every receive is
+  eventually satisfied.
 * **Messages match in posting order** (NCCL ignores tags): `check_message_order` verifies from
   the schedules that every receiver posts its receives in the order the sender sends.
 * **Loss on the last stage**, divided by ``m`` so that the gradients accumulated over the
@@ -54,6 +57,7 @@ from .p2p import (
     batches_complete_in_lockstep,
     check_message_order,
     flatten_like,
+    group_steps,
     normalize_spec,
     spec_leaves,
     unflatten,
@@ -169,7 +173,7 @@ class PipelineExecutor:
         self.records: list[OpRecord] = []
         self.peak_inflight = 0
         self.released_outputs = 0
-        self._lockstep = False
+        self._lockstep = self._pair = False
         if self.is_last_virtual(self.num_chunks - 1) and loss_fn is None:
             raise ValueError("loss_fn is required on the last pipeline stage")
         if schedule == "interleaved" and self.num_chunks < 2:
@@ -221,14 +225,21 @@ class PipelineExecutor:
                 return list(sched(p, m, st, v) if v > 1 else sched(p, m, st))
         else:
             mine = list(sched)
-            self._lockstep = False  # the other stages' lists are unknown: never wait on sends
+            # The other stages' lists are unknown here: never wait on sends (deferred mode).
+            self._lockstep, self._pair = False, False
             got_m = 1 + max(a.microbatch for a in mine)
             if got_m != m:
                 raise ValueError(f"the explicit schedule covers {got_m} micro-batches, run got {m}")
             return mine
         everyone = [build(st) for st in range(p)]
         check_message_order(everyone, p, v)
-        self._lockstep = batches_complete_in_lockstep(everyone, p, v)
+        # Megatron's lockstep protocol where it provably cannot deadlock: one batch per action
+        # (GPipe, 1F1B), else one per F-B pair (interleaved with m > p), else deferred sends.
+        self._lockstep, self._pair = True, False
+        if not batches_complete_in_lockstep(everyone, p, v):
+            self._pair = True
+            if not batches_complete_in_lockstep(everyone, p, v, pair=True):
+                self._lockstep, self._pair = False, False
         return everyone[s]
 
     # ------------------------------------------------------------------ running
@@ -283,20 +294,22 @@ class PipelineExecutor:
         self._t0 = time.perf_counter()
 
         outgoing: list[tuple[int, torch.Tensor, bool]] = []  # (dst, tensor, release after)
-        for i, a in enumerate(actions):
-            recvs = self._recv_buffers(a)
-            received = self._communicate(outgoing, recvs)
-            t_start = time.perf_counter()
-            if a.kind == "F":
-                outgoing = self._forward(a, received)
-            else:
-                outgoing = self._backward(a, received, is_last=(last_b[a.chunk] == i))
-            if self.record:
-                self.records.append(
-                    OpRecord(self.stage, a, t_start - self._t0, time.perf_counter() - self._t0)
-                )
+        for step in group_steps(actions, pair=self._pair):
+            # One batch: the previous step's sends and every receive this step needs.
+            received = self._communicate(outgoing, [self._recv_buffers(actions[i]) for i in step])
+            outgoing = []
+            for i, got in zip(step, received):
+                a = actions[i]
+                t_start = time.perf_counter()
+                if a.kind == "F":
+                    outgoing += self._forward(a, got)
+                else:
+                    outgoing += self._backward(a, got, is_last=(last_b[a.chunk] == i))
+                if self.record:
+                    self.records.append(OpRecord(
+                        self.stage, a, t_start - self._t0, time.perf_counter() - self._t0))
             self._poll_sends()
-        self._communicate(outgoing, None)
+        self._communicate(outgoing, [])
         for work, _ in self._pending:
             if work is not None:
                 work.wait()
@@ -318,14 +331,18 @@ class PipelineExecutor:
         bufs = [torch.empty(t.shape, dtype=t.dtype, device=self.device) for t in leaves]
         return src, key, bufs
 
-    def _communicate(self, outgoing, recv) -> list[torch.Tensor] | None:
-        """Post the previous action's sends and this action's receive as one batch.
+    def _communicate(self, outgoing, recvs) -> list[list[torch.Tensor] | None]:
+        """Post the previous step's sends and this step's receives as one batch.
 
-        Only the receive is waited for: sends finish in the background (their tensors are
-        kept in ``self._pending`` until then, and released by `_poll_sends`).
+        Args:
+            outgoing: ``(dst rank, tensor, release after sending)`` triples.
+            recvs: per action of the step, `_recv_buffers`' answer (``None``: nothing to get).
+
+        Returns:
+            per action of the step, the filled receive buffers (or ``None``).
         """
         ops: list[dist.P2POp] = []
-        sent: list[tuple[torch.Tensor, torch.Tensor | None]] = []  # (tensor, release after)
+        sent: list[tuple[torch.Tensor, torch.Tensor | None]] = []  # (payload, release after)
         for dst, t, release in outgoing:
             if dst == self.rank:  # same process (one-stage interleaving): no message needed
                 self._mailbox.append(t.detach().clone())
@@ -333,8 +350,9 @@ class PipelineExecutor:
             payload = t.detach()
             ops.append(dist.P2POp(dist.isend, payload, dst, group=self.group))
             sent.append((payload, t if release else None))
-        if recv is not None and recv[0] != self.rank:
-            ops += [dist.P2POp(dist.irecv, b, recv[0], group=self.group) for b in recv[2]]
+        for r in recvs:
+            if r is not None and r[0] != self.rank:
+                ops += [dist.P2POp(dist.irecv, b, r[0], group=self.group) for b in r[2]]
         works = dist.batch_isend_irecv(ops) if ops else []
         if self._lockstep or len(works) != len(ops):
             # Megatron's protocol (and what coalescing backends such as NCCL return anyway):
@@ -346,11 +364,15 @@ class PipelineExecutor:
             self._pending += [(w, t) for w, (_, t) in zip(works, sent)]
             for w in works[len(sent):]:
                 w.wait()
-        if recv is None:
-            return None
-        if recv[0] == self.rank:
-            return [self._mailbox.pop(0) for _ in recv[2]]
-        return recv[2]
+        out: list[list[torch.Tensor] | None] = []
+        for r in recvs:
+            if r is None:
+                out.append(None)
+            elif r[0] == self.rank:
+                out.append([self._mailbox.pop(0) for _ in r[2]])
+            else:
+                out.append(r[2])
+        return out
 
     def _poll_sends(self) -> None:
         """Release the storage of outputs whose sends have completed (without blocking)."""

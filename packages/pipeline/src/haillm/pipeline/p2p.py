@@ -156,11 +156,33 @@ def check_message_order(schedules: Sequence[Sequence[Action]], p: int, v: int) -
             )
 
 
-def batches_complete_in_lockstep(schedules: Sequence[Sequence[Action]], p: int, v: int) -> bool:
+def group_steps(actions: Sequence[Action], *, pair: bool) -> list[list[int]]:
+    """Split a stage's list into communication steps (lists of action indices).
+
+    ``pair=False``: one action per step. ``pair=True``: a forward directly followed by a
+    backward forms one step, as in Megatron's steady state, whose single batch
+    ``send_forward_backward_recv_forward_backward`` carries both actions' messages.
+    """
+    steps: list[list[int]] = []
+    i = 0
+    while i < len(actions):
+        if pair and actions[i].kind == "F" and i + 1 < len(actions) and actions[i + 1].kind == "B":
+            steps.append([i, i + 1])
+            i += 2
+        else:
+            steps.append([i])
+            i += 1
+    return steps
+
+
+def batches_complete_in_lockstep(
+    schedules: Sequence[Sequence[Action]], p: int, v: int, *, pair: bool = False
+) -> bool:
     """Whether waiting for *every* op of each P2P batch (sends too) can never deadlock.
 
-    The executor posts, before action ``i``, one batch: the sends produced by action ``i - 1``
-    and the receive action ``i`` needs. Megatron waits for the whole batch; a send then
+    The executor posts, before step ``t`` (an action, or an F-B pair with ``pair=True``, see
+    `group_steps`), one batch: the sends produced by step ``t - 1`` and the receives step ``t``
+    needs. Megatron waits for the whole batch; a send then
     completes only when the receiver has posted the matching receive (a rendezvous). This
     plays that protocol on the schedules: a rank leaves batch ``i`` once every op in it has its
     counterpart posted by the peer. Returns False if some ranks would wait for each other.
@@ -172,8 +194,11 @@ def batches_complete_in_lockstep(schedules: Sequence[Sequence[Action]], p: int, 
     recvd: dict[tuple[int, int], int] = {}
     where: dict[tuple[str, tuple[int, int], int], tuple[int, int]] = {}  # op -> (stage, batch)
     for s, sched in enumerate(schedules):
-        mine: list[list[tuple[int, tuple[int, int], int]]] = [[] for _ in range(len(sched) + 1)]
+        steps = group_steps(sched, pair=pair)
+        step_of = {i: t for t, idx in enumerate(steps) for i in idx}
+        mine: list[list[tuple[int, tuple[int, int], int]]] = [[] for _ in range(len(steps) + 1)]
         for i, a in enumerate(sched):
+            t = step_of[i]
             q = a.chunk * p + s
             if a.kind == "F":
                 src = (q - 1) % p if q > 0 else None
@@ -181,16 +206,16 @@ def batches_complete_in_lockstep(schedules: Sequence[Sequence[Action]], p: int, 
             else:
                 src = (q + 1) % p if q < nvirt - 1 else None
                 dst = (q - 1) % p if q > 0 else None
-            if src is not None and src != s:  # receive before action i: batch i
+            if src is not None and src != s:  # receive before step t: batch t
                 ch = (src, s)
                 k = recvd[ch] = recvd.get(ch, -1) + 1
-                mine[i].append((src, ch, k))
-                where[("recv", ch, k)] = (s, i)
-            if dst is not None and dst != s:  # send after action i: batch i + 1
+                mine[t].append((src, ch, k))
+                where[("recv", ch, k)] = (s, t)
+            if dst is not None and dst != s:  # send after step t: batch t + 1
                 ch = (s, dst)
                 k = sent[ch] = sent.get(ch, -1) + 1
-                mine[i + 1].append((dst, ch, k))
-                where[("send", ch, k)] = (s, i + 1)
+                mine[t + 1].append((dst, ch, k))
+                where[("send", ch, k)] = (s, t + 1)
         batches.append(mine)
     pos = [0] * p
     progressed = True
