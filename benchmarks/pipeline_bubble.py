@@ -36,7 +36,7 @@ from haillm.parallel.testing import run_distributed  # noqa: E402
 from haillm.pipeline import (  # noqa: E402
     PipelineExecutor,
     draw_timeline,
-    schedule_1f1b,
+    schedule_interleaved_1f1b,
     simulate,
 )
 
@@ -56,10 +56,15 @@ def _mse(out, target):
     return ((out - target) ** 2).mean()
 
 
-def bubble_rank(schedule: str, m: int, mb: int, hidden: int, layers: int, repeats: int):
-    """One rank: `repeats` timed steps after a warm-up; returns the gathered timelines."""
+def bubble_rank(schedule: str, m: int, mb: int, hidden: int, layers: int, repeats: int,
+                v: int = 1):
+    """One rank: `repeats` timed steps after a warm-up; returns the gathered timelines.
+
+    With ``v > 1`` the stage's layers are split into ``v`` chunks (same work per rank).
+    """
     p, s = dist.get_world_size(), dist.get_rank()
-    stage = make_stage(hidden, layers, seed=s)
+    stage = make_stage(hidden, layers, seed=s) if v == 1 else [
+        make_stage(hidden, layers // v, seed=10 * s + c) for c in range(v)]
     g = torch.Generator().manual_seed(0)
     xs = [torch.randn(mb, hidden, generator=g) for _ in range(m)]
     ex = PipelineExecutor(stage, loss_fn=_mse, tensor_shapes=(mb, hidden), schedule=schedule,
@@ -129,19 +134,23 @@ def saved_bytes_per_microbatch(mb: int, hidden: int, layers: int) -> int:
     return sum(seen.values())
 
 
-def summarize(timelines, p: int, m: int):
-    """Median-makespan run: measured bubble, simulated bubble with its measured op costs."""
+def summarize(timelines, p: int, m: int, v: int = 1):
+    """Median-makespan run: measured bubble, simulated bubble with its measured op costs.
+
+    The costs given to `simulate` are per action (per chunk when ``v > 1``).
+    """
     tl = sorted(timelines, key=lambda t: t.makespan)[len(timelines) // 2]
     cost = {}
     for s in range(p):
         for kind in "FB":
             cost[(s, kind)] = statistics.mean(
                 o.end - o.start for o in tl.ops if o.stage == s and o.action.kind == kind)
-    sim = simulate([schedule_1f1b(p, m, s) for s in range(p)],
+    scheds = [schedule_interleaved_1f1b(p, m, s, v) for s in range(p)]
+    sim = simulate(scheds,
                    forward_time=lambda s, a: cost[(s, "F")],
                    backward_time=lambda s, a: cost[(s, "B")])
-    tf = statistics.mean(cost[(s, "F")] for s in range(p))
-    tb = statistics.mean(cost[(s, "B")] for s in range(p))
+    tf = v * statistics.mean(cost[(s, "F")] for s in range(p))  # per whole stage
+    tb = v * statistics.mean(cost[(s, "B")] for s in range(p))
     return tl, sim, tf, tb
 
 
@@ -167,7 +176,7 @@ def bubble_table(args, hidden: int, layers: int, mb: int, repeats: int) -> None:
                                         start_method="fork", timeout=600)[0]
             tl, sim, tf, tb = summarize(timelines, p, m)
             formula = (p - 1) / (m + p - 1)
-            rows.append([p, m, f"{tf * 1e3:.2f}", f"{tb * 1e3:.2f}", f"{tl.makespan * 1e3:.1f}",
+            rows.append(["1F1B", p, m, f"{tf * 1e3:.2f}", f"{tb * 1e3:.2f}", f"{tl.makespan * 1e3:.1f}",
                          f"{tl.bubble_fraction:.3f}", f"{sim.bubble_fraction:.3f}", f"{formula:.3f}"])
             print(rows[-1], flush=True)
             if m == 8:
@@ -177,18 +186,29 @@ def bubble_table(args, hidden: int, layers: int, mb: int, repeats: int) -> None:
                 draw_timeline(sim, IMG / f"pipeline-simulated-p{p}-m{m}.svg", time_unit="s",
                               title=f"simulated with the measured op times, p={p}, m={m}: bubble "
                                     f"{sim.bubble_fraction:.1%}")
+    for p in (2, 4):  # interleaved, v = 2: each rank runs the same layers as two chunks
+        m, v = 8, 2
+        timelines = run_distributed(bubble_rank, p, "interleaved", m, mb, hidden, layers,
+                                    repeats, v, start_method="fork", timeout=600)[0]
+        tl, sim, tf, tb = summarize(timelines, p, m, v)
+        formula = (p - 1) / (v * m + p - 1)
+        rows.append([f"interleaved v={v}", p, m, f"{tf * 1e3:.2f}", f"{tb * 1e3:.2f}",
+                     f"{tl.makespan * 1e3:.1f}", f"{tl.bubble_fraction:.3f}",
+                     f"{sim.bubble_fraction:.3f}", f"{formula:.3f}"])
+        print(rows[-1], flush=True)
     notes = (
         f"Machine: {device_name()}, shared with other jobs; every rank is one process with one "
         f"thread, gloo over loopback. Stage = {layers} x (Linear({hidden}, {hidden}) + GELU), "
         f"micro-batch {mb} x {hidden} fp32; median-makespan step of {repeats} after a warm-up. "
         "t_F, t_B: mean measured forward/backward time of one micro-batch on one stage. "
         "*Simulated*: `simulate` fed with each stage's measured mean t_F, t_B and free "
-        "communication. *Formula*: (p - 1) / (m + p - 1). Measured minus simulated = "
+        "communication. *Formula*: (p - 1) / (m + p - 1), and (p - 1) / (v m + p - 1) for the "
+        "interleaved rows (t_F, t_B there: per whole stage, i.e. v chunks). Measured minus simulated = "
         "communication, Python overhead and (with 4 ranks on fewer free cores) time slicing. "
         "Timelines: `img/pipeline-measured-p*-m8.svg`."
     )
-    print(write_table(PAGE, "Bubble: measured vs simulated vs formula (1F1B)",
-                      ["p", "m", "t_F (ms)", "t_B (ms)", "step (ms)", "measured bubble",
+    print(write_table(PAGE, "Bubble: measured vs simulated vs formula",
+                      ["schedule", "p", "m", "t_F (ms)", "t_B (ms)", "step (ms)", "measured bubble",
                        "simulated bubble", "formula"], rows, notes))
 
 
