@@ -8,7 +8,7 @@
 
 from .draw import draw_timeline, format_timeline
 from .executor import PipelineExecutor
-from .p2p import TensorSpec, check_message_order
+from .p2p import TensorSpec, batches_complete_in_lockstep, check_message_order, group_steps
 from .schedules import (
     Action,
     schedule_1f1b,
@@ -24,9 +24,11 @@ __all__ = [
     "PipelineExecutor",
     "TensorSpec",
     "Timeline",
+    "batches_complete_in_lockstep",
     "check_message_order",
     "draw_timeline",
     "format_timeline",
+    "group_steps",
     "schedule_1f1b",
     "schedule_gpipe",
     "schedule_interleaved_1f1b",

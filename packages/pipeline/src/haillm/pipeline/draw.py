@@ -110,8 +110,9 @@ def draw_timeline(
         t = span * k / 6
         out.append(f'<line x1="{x(t0 + t):.1f}" y1="{ya}" x2="{x(t0 + t):.1f}" y2="{ya + 4}" '
                    'stroke="#444"/>')
+        anchor = "end" if k == 6 else "middle"  # keep the last label inside the picture
         out.append(f'<text x="{x(t0 + t):.1f}" y="{ya + 16}" font-size="11" '
-                   f'text-anchor="middle">{t:.3g}{escape(time_unit)}</text>')
+                   f'text-anchor="{anchor}">{t:.3g}{escape(time_unit)}</text>')
     out.append(f'<text x="{left + plot_w / 2}" y="{ya + 32}" font-size="11" text-anchor="middle" '
                'fill="#555">time (grey: idle = pipeline bubble)</text>')
     # Legend: forward / backward swatches, bottom left.

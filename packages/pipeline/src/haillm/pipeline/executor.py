@@ -149,6 +149,8 @@ class PipelineExecutor:
         if dist.is_available() and dist.is_initialized():
             self.num_stages = dist.get_world_size(group)
             self.stage = dist.get_rank(group)
+            if self.stage < 0:
+                raise ValueError(f"rank {dist.get_rank()} is not a member of the given group")
             self.rank = dist.get_rank()
             self.stage_ranks = [
                 s if group is None else dist.get_global_rank(group, s) for s in range(self.num_stages)
