@@ -13,7 +13,7 @@ import torch
 import torch.distributed as dist
 from torch import nn
 
-from haillm.pipeline import PipelineExecutor, TensorSpec
+from haillm.pipeline import PipelineExecutor, TensorSpec, schedule_interleaved_1f1b
 from tests.helpers import assert_close, run_distributed
 
 HIDDEN = 7  # odd on purpose
@@ -93,8 +93,11 @@ def _pipeline_cases(cases):
             q = c * p + s
             chunks.append(nn.Sequential(*mine[q * per_chunk:(q + 1) * per_chunk]))
         calls = []
+        # "explicit": this stage's own list; the executor cannot see the other stages' lists
+        # then, so it must use deferred sends instead of the lockstep protocol.
+        sched = schedule_interleaved_1f1b(p, m, s, v) if schedule == "explicit" else schedule
         ex = PipelineExecutor(
-            chunks, loss_fn=_loss, tensor_shapes=spec, dtype=torch.float64, schedule=schedule,
+            chunks, loss_fn=_loss, tensor_shapes=spec, dtype=torch.float64, schedule=sched,
             on_last_backward=calls.append, record=True,
         )
         losses = ex.run(mbs if s == 0 else None, list(y.chunk(m)) if s == p - 1 else None,
@@ -114,7 +117,10 @@ def _pipeline_cases(cases):
                         continue
                     pairs.append((f"{what}: layer {i} {name}", pa.grad, pb.grad))
         assert sorted(calls) == list(range(v)), (what, calls)
-        assert ex._lockstep, f"{what}: built-in schedules run Megatron's lockstep protocol"
+        if schedule == "explicit":
+            assert not ex._lockstep, what
+        else:
+            assert ex._lockstep, f"{what}: built-in schedules run Megatron's lockstep protocol"
         assert 1 <= ex.peak_inflight <= m * v
         tl = ex.gather_timeline()
         assert len(tl.ops) == 2 * m * v * p
@@ -133,6 +139,7 @@ def _cases(p: int):
         cases += [("gpipe", 1, m, 2, "tensor", 1), ("1f1b", 1, m, 3, "tensor", 2)]
     cases += [("interleaved", 2, p, 2, "tensor", 1), ("interleaved", 2, 2 * p, 1, "tensor", 1)]
     cases += [("1f1b", 1, 3, 2, "dict", 1), ("interleaved", 2, p, 2, "dict", 1)]
+    cases += [("explicit", 2, 2 * p, 1, "tensor", 1), ("explicit", 1, 3, 2, "tensor", 1)]
     if p == 2:
         cases += [("interleaved", 3, 4, 1, "tensor", 1), ("gpipe", 1, 2, 1, "dict", 1)]
     return cases
