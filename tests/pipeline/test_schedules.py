@@ -162,3 +162,14 @@ def test_errors_name_the_argument():
     swapped = [schedule_gpipe(2, 2, 0), [Action("F", 1), Action("F", 0), Action("B", 0), Action("B", 1)]]
     with pytest.raises(ValueError, match="matched in order"):
         check_message_order(swapped, 2, 1)
+
+
+@given(P, st.sampled_from([0.0, 0.25, 1.5]))
+def test_comm_time_adds_one_latency_per_hop(p, c):
+    """One micro-batch crosses p - 1 boundaries forward and p - 1 backward."""
+    tl = simulate(_all("1f1b", p, 1), forward_time=1.0, backward_time=2.0, comm_time=c)
+    assert tl.makespan == pytest.approx(p * 3.0 + 2 * (p - 1) * c)
+    # With many micro-batches the latency is partly hidden, never worse than per hop.
+    many = simulate(_all("1f1b", p, 8), comm_time=c)
+    free = simulate(_all("1f1b", p, 8))
+    assert free.makespan <= many.makespan <= free.makespan + 2 * 8 * (p - 1) * c + 1e-9
