@@ -20,7 +20,9 @@ How it stays deadlock-free and correct (the teaching points):
   safe it waits only for the receives and lets sends complete in the background (waited
   for at the end of `run`): a rank then never blocks on a peer that is itself blocked on a
   send, and since the dependency graph is acyclic (`simulate` proves it) every receive is
-  eventually satisfied.
+  eventually satisfied. (NCCL returns one work for a whole batch, so deferred sends are not
+  possible there: use the built-in schedules, which are all lockstep-safe, on GPUs. The
+  executor is tested with gloo; the NCCL path has not been run.)
 * **Messages match in posting order** (NCCL ignores tags): `check_message_order` verifies from
   the schedules that every receiver posts its receives in the order the sender sends.
 * **Loss on the last stage**, divided by ``m`` so that the gradients accumulated over the
