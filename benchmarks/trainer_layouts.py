@@ -127,9 +127,14 @@ def main() -> None:
              f"Machine: {device_name()}, all ranks on the same cores (gloo over loopback), "
              "shared with other jobs while measured: read the ratios, not the absolute numbers. "
              "MFU counts 6N + 12·L·d·S FLOPs per token against the measured fp32 matmul peak of "
-             "the cores in use. On 2 cores more ranks mean more processes per core and more "
-             "messages, so the 1-rank layout is the fastest here: the layouts exist to fit "
-             "models that one device cannot hold, and on one CPU they only add communication.")
+             "the cores in use (one thread per rank, at most the machine's cores). Every rank "
+             "runs one thread, so a 1-rank layout uses one core and the 2- and 8-rank layouts "
+             "both cores: DP's gain here is the second core. 'communication' is rank 0's time "
+             "in pipeline P2P waits (which include the pipeline bubble) and DP/ZeRO "
+             "collectives; TP's collectives run inside the layers and count as compute. On one "
+             "CPU, TP and PP only add messages: they exist to fit models that one device "
+             "cannot hold, and here they prove that they compute the same thing (the last "
+             "losses agree).")
     print(write_table("trainer.md", "Tokens/s and MFU per layout (CPU, gloo)",
                       ["layout (dp, tp, pp)", "ranks", "tokens/s", "MFU", "step ms",
                        "communication", "first loss", "last loss"], rows, notes))

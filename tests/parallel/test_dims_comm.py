@@ -148,3 +148,28 @@ def test_shape_errors():
         all_gather_into_tensor(torch.empty(3, 2), torch.empty(2, 2))
     with pytest.raises(ValueError, match="impl must be"):
         reduce_scatter_tensor(torch.empty(2), torch.empty(2), impl="nope")
+
+
+def _unsupported_native_falls_back_with_warning():
+    import warnings
+
+    import haillm.parallel.comm as comm
+
+    def refuse(*a, **k):
+        raise RuntimeError("ProcessGroupGloo does not support reduce_scatter")
+
+    comm._NATIVE_REDUCE_SCATTER = refuse  # this forked rank only
+    t, r = dist.get_world_size(), dist.get_rank()
+    x = torch.arange(4.0 * t) + r
+    out = torch.empty(4)
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        comm.reduce_scatter_tensor(out, x)
+    expect = sum(torch.arange(4.0 * t) + q for q in range(t))[4 * r:4 * (r + 1)]
+    return torch.equal(out, expect), [str(w.message) for w in caught]
+
+
+def test_unsupported_reduce_scatter_falls_back_with_a_warning():
+    for ok, messages in run(_unsupported_native_falls_back_with_warning, 2):
+        assert ok
+        assert any("all_to_all_single" in m for m in messages), messages

@@ -16,6 +16,9 @@ from haillm.fusedops.optimizer import FusedAdamW
 # --- end of issue-4 imports -------------------------------------------------------------------
 
 # --- fused GEMMs (issue 5): linear_swiglu, linear_residual, ... (merged by the lead) ----------
+# isort: split
+from haillm.fusedops.gemm import MergedLinear, SwiGLUMLP, linear_residual, linear_swiglu
+
 # --- end of issue-5 imports -------------------------------------------------------------------
 
 __all__ = [
@@ -32,4 +35,8 @@ __all__ = [
     "rms_norm",
     "rms_norm_reference",
     # issue 5: fused GEMMs
+    "MergedLinear",
+    "SwiGLUMLP",
+    "linear_residual",
+    "linear_swiglu",
 ]

@@ -1,7 +1,14 @@
-"""haillm.parallel: tensor and sequence parallel layers with GEMM/communication overlap.
+"""haillm.parallel: tensor and sequence parallelism (Megatron-LM), communication overlapped.
 
 * `ParallelDims`: the dp × tp × pp rank grid (Megatron order, TP fastest) and its groups.
-* `comm`: one compatibility helper over torch's collective names (torch 2.5 → newest).
+* Collectives (`all_gather_into_tensor`, `reduce_scatter_tensor`, `all_reduce`): one
+  compatibility helper over torch's names (torch 2.5 → newest), with gloo fallbacks.
+* Communication regions (Megatron's f and g, the sequence-parallel pair): autograd Functions.
+* Layers: `ColumnParallelLinear`, `RowParallelLinear`, `VocabParallelEmbedding`,
+  `vocab_parallel_cross_entropy`; each layer has `.from_full(module, group=...)`.
+* Overlap: async input-gradient reduction behind the weight-gradient GEMM; chunked, pipelined
+  all-gather/reduce-scatter around the GEMMs under sequence parallelism.
+* `run_distributed` (in `haillm.parallel.testing`): N gloo ranks for tests and tutorials.
 """
 
 from .comm import (
@@ -14,17 +21,56 @@ from .comm import (
     reduce_scatter_single,
     reduce_scatter_tensor,
 )
+from .cross_entropy import vocab_parallel_cross_entropy
 from .dims import Coords, ParallelDims
+from .embedding import VocabParallelEmbedding
+from .grads import (
+    allreduce_sequence_parallel_grads,
+    is_sequence_parallel,
+    mark_sequence_parallel,
+    register_sequence_parallel_grad_hooks,
+)
+from .linear import ColumnParallelLinear, RowParallelLinear
+from .mappings import (
+    copy_to_tensor_parallel_region,
+    gather_from_sequence_parallel_region,
+    gather_from_tensor_parallel_region,
+    reduce_from_tensor_parallel_region,
+    reduce_scatter_to_sequence_parallel_region,
+    scatter_to_sequence_parallel_region,
+    scatter_to_tensor_parallel_region,
+)
+from .overlap import gather_matmul, matmul_reduce_scatter
+from .trace import Event, Tracer
 
 __all__ = [
+    "ColumnParallelLinear",
     "CompletedWork",
     "Coords",
+    "Event",
     "ParallelDims",
+    "RowParallelLinear",
+    "Tracer",
+    "VocabParallelEmbedding",
     "all_gather_into_tensor",
     "all_gather_single",
     "all_reduce",
+    "allreduce_sequence_parallel_grads",
+    "copy_to_tensor_parallel_region",
+    "gather_from_sequence_parallel_region",
+    "gather_from_tensor_parallel_region",
+    "gather_matmul",
     "group_rank",
     "group_size",
+    "is_sequence_parallel",
+    "mark_sequence_parallel",
+    "matmul_reduce_scatter",
+    "reduce_from_tensor_parallel_region",
     "reduce_scatter_single",
     "reduce_scatter_tensor",
+    "reduce_scatter_to_sequence_parallel_region",
+    "register_sequence_parallel_grad_hooks",
+    "scatter_to_sequence_parallel_region",
+    "scatter_to_tensor_parallel_region",
+    "vocab_parallel_cross_entropy",
 ]

@@ -117,8 +117,7 @@ def _finish(work: Any, name: str, start: float | None, async_op: bool) -> Any:
     if work is None:
         return CompletedWork() if async_op else None
     if async_op:
-        trace_work(work, name, start)
-        return work
+        return trace_work(work, name, start)
     work.wait()
     return None
 
@@ -199,8 +198,7 @@ def all_gather_into_tensor(output: torch.Tensor, input: torch.Tensor, group: Any
 def _finish_post(work: Any, post: Callable[[], None], name: str, start: float | None,
                  async_op: bool) -> Any:
     if async_op:
-        trace_work(work, name, start)
-        return _PostWork(work, post)
+        return _PostWork(trace_work(work, name, start), post)
     work.wait()
     post()
     _record_sync(name, start)

@@ -86,24 +86,34 @@ def span(kind: str, name: str) -> Iterator[None]:
         tr.record(kind, name, start, tr.now())
 
 
-def trace_work(work: Any, name: str, start: float | None) -> None:
-    """Record an asynchronous collective from `start` until its future completes."""
+class _TimedWork:
+    """A `Work` wrapper that records the collective's end when `wait()` returns."""
+
+    def __init__(self, work: Any, tr: Tracer, name: str, start: float) -> None:
+        self._work, self._tr, self._name, self._start = work, tr, name, start
+
+    def wait(self, timeout: Any = None) -> Any:
+        out = self._work.wait()
+        self._tr.record("comm", self._name, self._start, self._tr.now(), True)
+        return out
+
+    def is_completed(self) -> bool:
+        return self._work.is_completed()
+
+
+def trace_work(work: Any, name: str, start: float | None) -> Any:
+    """Record an asynchronous collective from `start` until its future completes.
+
+    Returns `work`, or a wrapper recording the end at `wait()` when it has no future.
+    """
     tr = _CURRENT.get()
     if tr is None or start is None:
-        return
-    fut = None
+        return work
     try:
         fut = work.get_future()
-    except Exception:  # noqa: BLE001 - some backends/ops have no future: record at wait()
+    except Exception:  # noqa: BLE001 - some backends/ops have no future
         fut = None
-    if fut is not None:
-        fut.add_done_callback(lambda _f: tr.record("comm", name, start, tr.now(), True))
-    else:
-        _orig_wait = work.wait
-
-        def wait(*a: Any, **k: Any) -> Any:
-            out = _orig_wait(*a, **k)
-            tr.record("comm", name, start, tr.now(), True)
-            return out
-
-        work.wait = wait  # type: ignore[method-assign]
+    if fut is None:
+        return _TimedWork(work, tr, name, start)
+    fut.add_done_callback(lambda _f: tr.record("comm", name, start, tr.now(), True))
+    return work

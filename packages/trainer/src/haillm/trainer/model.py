@@ -73,15 +73,46 @@ class ParallelBlock(nn.Module):
         self.hq, self.hkv = cfg.n_heads // tp, cfg.n_kv_heads // tp
         a, m = ref_block.attn, ref_block.mlp
         self.attn_norm = _param(ref_block.attn_norm.weight, dtype, device, replicated=True)
-        # merged QKV: this rank's query heads, then its kv heads (GQA widths differ)
-        self.wqkv = _param(torch.cat([_rows(a.wq.weight, r, tp), _rows(a.wk.weight, r, tp),
-                                      _rows(a.wv.weight, r, tp)]), dtype, device)
-        self.wo = _param(_cols(a.wo.weight, r, tp), dtype, device)
         self.mlp_norm = _param(ref_block.mlp_norm.weight, dtype, device, replicated=True)
         # merged gate-up: [W_gate rows of rank r ; W_up rows of rank r], as linear_swiglu wants
         self.w_gate_up = _param(torch.cat([_rows(m.w_gate.weight, r, tp),
                                            _rows(m.w_up.weight, r, tp)]), dtype, device)
-        self.w_down = _param(_cols(m.w_down.weight, r, tp), dtype, device)
+        self.tp_layers = ops.tp_layers
+        if self.tp_layers is not None:
+            # haillm.parallel's layers: the merged QKV is one ColumnParallelLinear whose parts
+            # (q, k, v) are split separately, so each rank keeps its own heads of each; they
+            # run the SP all-gather / reduce-scatter themselves, overlapped with the GEMMs
+            col, row = self.tp_layers
+            hd, nq, nkv = cfg.head_dim, cfg.n_heads, cfg.n_kv_heads
+            full = nn.Linear(cfg.hidden_size, (nq + 2 * nkv) * hd, bias=False)
+            with torch.no_grad():
+                full.weight.copy_(torch.cat([a.wq.weight, a.wk.weight, a.wv.weight]))
+            kw = dict(group=grid.tp_group, sequence_parallel=self.sp, seq_dim=1)
+            ov = ops.tp_overlap
+            self.qkv = col.from_full(full, partition_sizes=[nq * hd, nkv * hd, nkv * hd],
+                                     overlap_grad_comm=ov, overlap_sp_comm=ov and self.sp, **kw)
+            self.o_proj = row.from_full(a.wo, overlap_sp_comm=ov and self.sp, **kw)
+            self.down_proj = row.from_full(m.w_down, overlap_sp_comm=ov and self.sp, **kw)
+            self.to(device=device, dtype=dtype)
+        else:
+            # merged QKV: this rank's query heads, then its kv heads (GQA widths differ)
+            self._wqkv = _param(torch.cat([_rows(a.wq.weight, r, tp), _rows(a.wk.weight, r, tp),
+                                           _rows(a.wv.weight, r, tp)]), dtype, device)
+            self._wo = _param(_cols(a.wo.weight, r, tp), dtype, device)
+            self._w_down = _param(_cols(m.w_down.weight, r, tp), dtype, device)
+
+    # the weights, whichever layers hold them: (out/tp, in) and (out, in/tp) slices
+    @property
+    def wqkv(self):
+        return self.qkv.weight if self.tp_layers else self._wqkv
+
+    @property
+    def wo(self):
+        return self.o_proj.weight if self.tp_layers else self._wo
+
+    @property
+    def w_down(self):
+        return self.down_proj.weight if self.tp_layers else self._w_down
 
     def _enter(self, x):  # column-parallel input: gather the sequence (SP) or Megatron f
         g = self.grid.tp_group
@@ -99,18 +130,21 @@ class ParallelBlock(nn.Module):
             x = self.ops.rms_norm(h, self.attn_norm, eps)
         else:
             x, residual = self.ops.rms_norm(h, self.attn_norm, eps, residual=residual)
-        x = self._enter(x)  # (B, S, d)
-        qkv = F.linear(x, self.wqkv)
+        if self.tp_layers:
+            qkv = self.qkv(x)  # SP all-gather (or Megatron f) inside: (B, S, local q|k|v)
+        else:
+            qkv = F.linear(self._enter(x), self.wqkv)  # (B, S, local q|k|v)
         q, k, v = qkv.split([self.hq * hd, self.hkv * hd, self.hkv * hd], dim=-1)
         q = rearrange(q, "b s (h d) -> b s h d", d=hd)
         k = rearrange(k, "b s (h d) -> b s h d", d=hd)
         v = rearrange(v, "b s (h d) -> b s h d", d=hd)
         q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)
         o = self.ops.attn(q.contiguous(), k.contiguous(), v.contiguous())  # (B, S, Hq_l, D)
-        h = self._exit(F.linear(rearrange(o, "b s h d -> b s (h d)"), self.wo))
+        o = rearrange(o, "b s h d -> b s (h d)")
+        h = self.o_proj(o) if self.tp_layers else self._exit(F.linear(o, self.wo))
         x, residual = self.ops.rms_norm(h, self.mlp_norm, eps, residual=residual)
-        x = self._enter(x)
-        h = self._exit(F.linear(self.ops.swiglu(x, self.w_gate_up), self.w_down))
+        a = self.ops.swiglu(self._enter(x), self.w_gate_up)  # fused GEMM: (B, S, f/tp)
+        h = self.down_proj(a) if self.tp_layers else self._exit(F.linear(a, self.w_down))
         return h, residual
 
 
@@ -159,7 +193,9 @@ class StageModel(nn.Module):
         if residual is not None:
             h = h + residual  # the residual stream: what the next stage (or the head) reads
         if not self.last:
-            return h
+            # contiguous: the SP reduce-scatter may hand back a transposed view, and P2P sends
+            # need dense memory
+            return h.contiguous()
         y = self.ops.rms_norm(h, self.norm, self.cfg.norm_eps)
         g = self.grid.tp_group
         y = gather_seq(y, g) if self.sp else copy_to_tp(y, g)  # (B, S, d)

@@ -111,6 +111,7 @@ class Ops:
     def __init__(self, p: ParallelConfig, *, warn: bool = True):
         self.wiring: dict[str, str] = {}
         self.attention_impl = p.attention
+        missing: list[str] = []
 
         def pick(key, on, module, name, fallback, off_note):
             if not on:
@@ -119,9 +120,7 @@ class Ops:
             fn = _find(module, name)
             if fn is None:
                 self.wiring[key] = f"fallback: trainer plain PyTorch ({module}.{name} missing)"
-                if warn:
-                    warnings.warn(f"{module}.{name} is not available; the trainer uses its "
-                                  "plain-PyTorch fallback", stacklevel=3)
+                missing.append(f"{module}.{name}")
                 return fallback
             self.wiring[key] = f"{module}.{name}"
             return fn
@@ -139,6 +138,32 @@ class Ops:
         self.vocab_parallel_ce = pick("vocab_parallel_cross_entropy", p.tp > 1,
                                       "haillm.parallel", "vocab_parallel_cross_entropy",
                                       plain_vocab_parallel_cross_entropy, "tp = 1")
+
+        if missing and warn:
+            warnings.warn(f"not installed, the trainer runs its plain-PyTorch fallback instead: "
+                          f"{', '.join(missing)}", stacklevel=2)
+        # tensor-parallel layers: haillm.parallel's Column/RowParallelLinear when installed
+        self.tp_layers = None
+        self.tp_overlap = p.tp_comm_overlap
+        if p.tp > 1 and p.tp_layers in ("auto", "package"):
+            col = _find("haillm.parallel", "ColumnParallelLinear")
+            row = _find("haillm.parallel", "RowParallelLinear")
+            if col is not None and row is not None:
+                self.tp_layers = (col, row)
+                self.wiring["tp layers"] = ("haillm.parallel Column/RowParallelLinear (merged QKV, "
+                                            f"comm overlap {'on' if p.tp_comm_overlap else 'off'})"
+                                            " + trainer SP regions around linear_swiglu")
+            elif p.tp_layers == "package":
+                raise ImportError("parallel.tp_layers=package but haillm.parallel has no "
+                                  "ColumnParallelLinear")
+            else:
+                self.wiring["tp layers"] = "fallback: trainer TP/SP regions (haillm.parallel " \
+                                           "layers missing)"
+                if warn:
+                    warnings.warn("haillm.parallel.ColumnParallelLinear is not available; the "
+                                  "trainer uses its own TP/SP regions", stacklevel=2)
+        elif p.tp > 1:
+            self.wiring["tp layers"] = "trainer TP/SP regions"
 
     def attn(self, q, k, v):
         """Causal attention (B, S, H, D) with the configured impl."""

@@ -179,7 +179,8 @@ class PackageStep:
         self.ex = PipelineExecutor(
             chunks[0] if len(chunks) == 1 else chunks, group=grid.pp_group, loss_fn=loss_fn,
             tensor_shapes=tuple(act_shape), dtype=dtype, device=device, schedule=schedule,
-            on_last_backward=(lambda c: self.hook()) if self.hook else None)
+            on_last_backward=(lambda c: self.hook()) if self.hook else None,
+            record=grid.pp > 1)  # per-action times: the rest of the run is P2P and waiting
         self.after_run = on_last_backward if len(chunks) > 1 else None
 
     def __call__(self, inputs, targets, *, loss_scale=1.0, times: StepTimes | None = None):
@@ -192,7 +193,13 @@ class PackageStep:
         if self.after_run is not None:
             self.after_run()
         if times is not None:
-            times.compute += time.perf_counter() - t0
+            elapsed = time.perf_counter() - t0
+            busy = sum(r.end - r.start for r in getattr(self.ex, "records", []) or [])
+            if busy:  # recorded: forward/backward time is compute, the rest P2P and bubble
+                times.compute += busy
+                times.p2p += max(elapsed - busy, 0.0)
+            else:
+                times.compute += elapsed
         total = torch.zeros((), dtype=torch.float32)
         for loss in losses:
             total += loss.float() / (len(inputs) * loss_scale)

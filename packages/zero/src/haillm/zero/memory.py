@@ -1,0 +1,42 @@
+"""Per-rank memory of model states, from the formula and from the tensors themselves."""
+
+from __future__ import annotations
+
+__all__ = ["memory_per_rank", "measured_bytes"]
+
+
+def memory_per_rank(num_params: int, dp: int, *, param_bytes: int = 2, grad_bytes: int = 4,
+                    zero: bool = True) -> dict[str, float]:
+    """Bytes per rank of parameters, gradients and AdamW states (fp32 master, m, v).
+
+    With ZeRO-1 (`zero=True`) only the optimizer states are divided by N_d:
+    ``2Ψ + 4Ψ + 12Ψ/N_d`` for bf16 parameters and fp32 main gradients (the ZeRO paper's
+    ``2Ψ + 2Ψ + 12Ψ/N_d`` assumes 16-bit gradients). Plain data parallelism keeps ``12Ψ``.
+
+    Args:
+        num_params: Ψ.
+        dp: N_d.
+        param_bytes: bytes per parameter (2 for bf16/fp16, 4 for fp32).
+        grad_bytes: bytes per gradient element (4: fp32 main grads).
+        zero: ZeRO-1 partitioning of the optimizer states (False: plain DP).
+
+    Returns:
+        ``{"params", "grads", "optimizer", "total"}`` in bytes.
+    """
+    if dp < 1:
+        raise ValueError(f"dp ({dp}) must be >= 1")
+    opt = 12.0 * num_params / (dp if zero else 1)
+    out = {"params": float(param_bytes * num_params), "grads": float(grad_bytes * num_params),
+           "optimizer": opt}
+    out["total"] = out["params"] + out["grads"] + out["optimizer"]
+    return out
+
+
+def measured_bytes(model, optimizer) -> dict[str, int]:
+    """Bytes actually held by a `ZeroDataParallel` model and its `Zero1AdamW` (storage sizes)."""
+    def nbytes(*ts):
+        return sum(t.untyped_storage().nbytes() for t in ts)
+    out = {"params": nbytes(model.param_buffer), "grads": nbytes(model.main_grad),
+           "optimizer": nbytes(optimizer.master, optimizer.exp_avg, optimizer.exp_avg_sq)}
+    out["total"] = sum(out.values())
+    return out

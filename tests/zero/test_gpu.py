@@ -1,0 +1,52 @@
+"""CUDA checks (skipped without a GPU): bf16 ZeRO-1 on the device, alone and on one NCCL rank."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from torch import nn
+
+from haillm.zero import Zero1AdamW, ZeroDataParallel
+from haillm.zero.reference import MixedPrecisionAdamW
+from tests.helpers import run_distributed
+
+
+def _model():
+    torch.manual_seed(0)
+    return nn.Sequential(nn.Linear(64, 96), nn.GELU(), nn.LayerNorm(96),
+                         nn.Linear(96, 33)).to("cuda", torch.bfloat16)
+
+
+def _train_and_compare(steps=3, micro=2):
+    ddp = ZeroDataParallel(_model(), bucket_mb=0.01)
+    opt = Zero1AdamW(ddp, lr=1e-2, weight_decay=0.01, precision="bf16", max_grad_norm=1.0)
+    ref = _model()
+    ropt = MixedPrecisionAdamW(ref, lr=1e-2, weight_decay=0.01)
+    g = torch.Generator(device="cuda").manual_seed(0)
+    for _ in range(steps):
+        xs = [torch.randn(8, 64, device="cuda", generator=g).bfloat16() for _ in range(micro)]
+        for k, x in enumerate(xs):
+            with ddp.no_sync() if k < micro - 1 else torch.enable_grad():
+                (ddp(x).float().square().mean() / micro).backward()
+            (ref(x).float().square().mean() / micro).backward()
+            ropt.accumulate()
+        res = opt.step()
+        opt.zero_grad()
+        norm = torch.linalg.vector_norm(torch.stack([m.grad.norm() for m in ropt.masters])).item()
+        assert abs(res.grad_norm - norm) <= 1e-4 * norm
+        ropt.step(grad_scale=min(1.0, 1.0 / (norm + 1e-6)))
+    full = opt.full_state_dict()["master"]
+    for (name, p), q, m in zip(ddp.module.named_parameters(), ref.parameters(), ropt.masters):
+        torch.testing.assert_close(full[name], m.detach(), rtol=1e-4, atol=1e-5)
+        torch.testing.assert_close(p.float(), q.float(), rtol=1e-2, atol=1e-2)
+    return True
+
+
+@pytest.mark.gpu
+def test_bf16_zero_on_cuda_single_process():
+    assert _train_and_compare()
+
+
+@pytest.mark.gpu
+def test_bf16_zero_on_one_nccl_rank():
+    assert run_distributed(_train_and_compare, 1, backend="nccl", timeout=120) == [True]
