@@ -24,21 +24,31 @@ __all__ = ["from_logical", "logical_shapes", "stage_rules", "to_logical"]
 
 
 def stage_rules(stage) -> dict[str, tuple[str, list[str]]]:
-    """`{stage param name: (kind, [logical names])}`; kind in rows/cols/qkv/gate_up/replicated."""
+    """`{stage param name: (kind, [logical names])}`; kind in rows/cols/qkv/gate_up/replicated.
+
+    Parameters are found by identity (`block.wqkv` is a plain parameter, or the weight of
+    `haillm.parallel`'s ColumnParallelLinear when installed), so the names follow the module.
+    """
+    name_of = {id(p): n for n, p in stage.named_parameters()}
     rules: dict[str, tuple[str, list[str]]] = {}
     if stage.first:
-        rules["embed"] = ("rows", ["embed.weight"])
-    for j, i in enumerate(stage.layer_ids):
-        p, q = f"layers.{j}.", f"layers.{i}."
-        rules[p + "attn_norm"] = ("replicated", [q + "attn_norm.weight"])
-        rules[p + "wqkv"] = ("qkv", [q + f"attn.{n}.weight" for n in ("wq", "wk", "wv")])
-        rules[p + "wo"] = ("cols", [q + "attn.wo.weight"])
-        rules[p + "mlp_norm"] = ("replicated", [q + "mlp_norm.weight"])
-        rules[p + "w_gate_up"] = ("gate_up", [q + "mlp.w_gate.weight", q + "mlp.w_up.weight"])
-        rules[p + "w_down"] = ("cols", [q + "mlp.w_down.weight"])
+        rules[name_of[id(stage.embed)]] = ("rows", ["embed.weight"])
+    for blk, i in zip(stage.layers, stage.layer_ids):
+        q = f"layers.{i}."
+        for p, kind, names in (
+                (blk.attn_norm, "replicated", ["attn_norm.weight"]),
+                (blk.wqkv, "qkv", [f"attn.{n}.weight" for n in ("wq", "wk", "wv")]),
+                (blk.wo, "cols", ["attn.wo.weight"]),
+                (blk.mlp_norm, "replicated", ["mlp_norm.weight"]),
+                (blk.w_gate_up, "gate_up", ["mlp.w_gate.weight", "mlp.w_up.weight"]),
+                (blk.w_down, "cols", ["mlp.w_down.weight"])):
+            rules[name_of[id(p)]] = (kind, [q + n for n in names])
     if stage.last:
-        rules["norm"] = ("replicated", ["norm.weight"])
-        rules["head"] = ("rows", ["head.weight"])
+        rules[name_of[id(stage.norm)]] = ("replicated", ["norm.weight"])
+        rules[name_of[id(stage.head)]] = ("rows", ["head.weight"])
+    if len(rules) != len(name_of):
+        missing = sorted(set(name_of.values()) - set(rules))
+        raise RuntimeError(f"checkpoint layout map does not know parameters {missing}")
     return rules
 
 
