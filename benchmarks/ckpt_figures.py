@@ -30,7 +30,7 @@ def memory_figure() -> None:
     parts = ["params", "grads", "optimizer", "activations"]
     colors = ["#4C72B0", "#DD8452", "#55A868", "#C44E52"]
     fig, ax = plt.subplots(figsize=(9, 4.2))
-    for x, (label, preset, lay) in enumerate(CASES):
+    for x, (_label, preset, lay) in enumerate(CASES):
         p = plan(load_config(preset).model, lay)[0]  # stage 0: the most in-flight micro-batches
         bottom = 0.0
         for part, c in zip(parts, colors):
