@@ -168,3 +168,29 @@ def test_resume_exact_with_trainer_own_zero(corpus, tmp_path):
     train(run_cfg(corpus, tmp_path / "b", extra=[*own, "run.exit_after=3"]))
     again = train(run_cfg(corpus, tmp_path / "b", extra=[*own, "run.resume=true"]))["losses"]
     assert again == full[3:]
+
+
+def test_resume_exact_in_bf16(corpus, tmp_path):
+    """bf16 weights are the fp32 master cast, so they need no copy: still bit-identical."""
+    bf16 = dict(precision="bf16")
+    full = train(run_cfg(corpus, tmp_path / "a", **bf16))["losses"]
+    train(run_cfg(corpus, tmp_path / "b", **bf16, extra=["run.exit_after=3"]))
+    again = train(run_cfg(corpus, tmp_path / "b", **bf16, extra=["run.resume=true"]))["losses"]
+    assert again == full[3:]
+
+
+@pytest.mark.gpu
+def test_resume_and_generate_on_cuda(corpus, tmp_path):
+    """On one GPU in bf16: exact resume, then the checkpoint generates on the GPU."""
+    from haillm.trainer.generate import generate, load_model
+
+    cuda = ["run.device=cuda"]
+    full = train(run_cfg(corpus, tmp_path / "a", precision="bf16", extra=cuda))["losses"]
+    train(run_cfg(corpus, tmp_path / "b", precision="bf16", extra=[*cuda, "run.exit_after=3"]))
+    again = train(run_cfg(corpus, tmp_path / "b", precision="bf16",
+                          extra=[*cuda, "run.resume=true"]))["losses"]
+    assert again == full[3:]
+    model, _, _ = load_model(tmp_path / "b", device="cuda")
+    prompt = torch.tensor([[5, 17, 300]], device="cuda")
+    assert torch.equal(generate(model, prompt, 8, temperature=0),
+                       model.generate(prompt, 8, temperature=0))
