@@ -70,8 +70,12 @@ def _launch(kind: str, kernel, grid, args, *, CAUSAL, BLOCK_D, DOT_PREC, dtype):
         if kind not in _TUNED:
             configs = [triton.Config(dict(BLOCK_M=m, BLOCK_N=n), num_warps=w, num_stages=s)
                        for m, n, w, s in _TUNE_SPACE[kind]]
-            _TUNED[kind] = triton.autotune(configs, key=["headdim", "seq_bucket", "CAUSAL",
-                                                         "DOT_PREC"], do_bench=_bench)(kernel)
+            key = ["headdim", "seq_bucket", "CAUSAL", "DOT_PREC"]
+            try:
+                tuner = triton.autotune(configs, key=key, do_bench=_bench)
+            except TypeError:  # older triton: no do_bench argument
+                tuner = triton.autotune(configs, key=key, warmup=5, rep=20)
+            _TUNED[kind] = tuner(kernel)
         _TUNED[kind][grid](*args, CAUSAL=CAUSAL, BLOCK_D=BLOCK_D, DOT_PREC=DOT_PREC)
         return
     cfg = _config(kind, BLOCK_D, dtype)
