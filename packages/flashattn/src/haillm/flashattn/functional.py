@@ -113,11 +113,15 @@ def flash_attention_varlen(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
 
     Args:
         q: (total_q, nheads, headdim).
-        k, v: (total_k, nheads_kv, headdim).
-        cu_seqlens_q, cu_seqlens_k: int32 (batch + 1,), start at 0, non-decreasing, end at
-            total_q / total_k.
-        max_seqlen_q, max_seqlen_k: longest sequence (the kernel's grid size).
-        causal, softmax_scale, impl: as in `flash_attention`.
+        k: (total_k, nheads_kv, headdim).
+        v: (total_k, nheads_kv, headdim).
+        cu_seqlens_q: int32 (batch + 1,), starts at 0, non-decreasing, ends at total_q.
+        cu_seqlens_k: int32 (batch + 1,), likewise, ends at total_k.
+        max_seqlen_q: longest query sequence (the kernel's grid size).
+        max_seqlen_k: longest key sequence.
+        causal: as in `flash_attention` (bottom-right aligned per sequence).
+        softmax_scale: defaults to 1/sqrt(headdim).
+        impl: as in `flash_attention`.
 
     Returns:
         (total_q, nheads, headdim) in q.dtype.

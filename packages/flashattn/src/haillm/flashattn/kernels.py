@@ -68,6 +68,9 @@ def fwd_kernel(Q, K, V, O, LSE, CU_Q, CU_K, qk_scale,
     seqlen_q = tl.load(CU_Q + b + 1) - q_start
     k_start = tl.load(CU_K + b)
     seqlen_k = tl.load(CU_K + b + 1) - k_start
+    # token offsets in int64: total_tokens * row stride can pass 2**31 elements
+    q_start = q_start.to(tl.int64)
+    k_start = k_start.to(tl.int64)
     start_m = pid_m * BLOCK_M
     offs_m = start_m + tl.arange(0, BLOCK_M)
     offs_n = tl.arange(0, BLOCK_N)
@@ -115,7 +118,7 @@ def bwd_preprocess_kernel(O, DO, DELTA, stride_ot, stride_oh, stride_dot, stride
     """DELTA[h, t] = rowsum(dO ∘ O) in fp32. Grid (cdiv(total_q, BLOCK_M), nheads)."""
     pid_m = tl.program_id(0)
     h = tl.program_id(1)
-    offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
+    offs_m = (pid_m * BLOCK_M + tl.arange(0, BLOCK_M)).to(tl.int64)
     offs_d = tl.arange(0, BLOCK_D)
     mask = (offs_m[:, None] < total_q) & (offs_d[None, :] < headdim)
     o = tl.load(O + offs_m[:, None] * stride_ot + h * stride_oh + offs_d[None, :], mask=mask,
@@ -170,6 +173,9 @@ def bwd_dkdv_kernel(Q, K, V, DO, DK, DV, LSE, DELTA, CU_Q, CU_K, qk_scale, sm_sc
     seqlen_q = tl.load(CU_Q + b + 1) - q_start
     k_start = tl.load(CU_K + b)
     seqlen_k = tl.load(CU_K + b + 1) - k_start
+    # token offsets in int64: total_tokens * row stride can pass 2**31 elements
+    q_start = q_start.to(tl.int64)
+    k_start = k_start.to(tl.int64)
     start_n = pid_n * BLOCK_N
     offs_n = start_n + tl.arange(0, BLOCK_N)
     offs_d = tl.arange(0, BLOCK_D)
@@ -252,6 +258,9 @@ def bwd_dq_kernel(Q, K, V, DO, DQ, LSE, DELTA, CU_Q, CU_K, qk_scale, sm_scale,
     seqlen_q = tl.load(CU_Q + b + 1) - q_start
     k_start = tl.load(CU_K + b)
     seqlen_k = tl.load(CU_K + b + 1) - k_start
+    # token offsets in int64: total_tokens * row stride can pass 2**31 elements
+    q_start = q_start.to(tl.int64)
+    k_start = k_start.to(tl.int64)
     start_m = pid_m * BLOCK_M
     offs_m = start_m + tl.arange(0, BLOCK_M)
     offs_n = tl.arange(0, BLOCK_N)
