@@ -26,18 +26,21 @@ def _check(b, sq, sk, h, hk, d, causal, scale, dtype, seed, device=DEV):
     names = ("out", "dq", "dk", "dv")
     for name, a in zip(names, got):
         assert a.dtype == dtype and torch.isfinite(a).all(), name
-    if dtype == torch.float32:
+    if dtype == torch.float32 and device == "cpu":
         for name, a, t in zip(names, got, truth):
             assert_close(a, t, dtype=torch.float32, msg=name)
     else:
+        # fp16/bf16, and fp32 on a GPU (long reductions at real sizes): the low-precision rule
+        # against the same-precision PyTorch path
         plain = fwd_bwd(lambda q, k, v: attention_reference(q, k, v, causal=causal,
                                                             softmax_scale=scale, upcast=False),
                         q, k, v, do)
+        floor = {torch.float32: 1e-5, torch.float16: 1e-4, torch.bfloat16: 1e-3}[dtype]
         for name, a, p, t in zip(names, got, plain, truth):
-            assert_lowp_close(a, p, t, name=name, floor=1e-4 if dtype == torch.float16 else 1e-3)
+            assert_lowp_close(a, p, t, name=name, floor=floor)
 
 
-@settings(max_examples=6)
+@settings(max_examples=8)
 @given(b=st.integers(1, 2), sq=st.integers(1, 40), sk=st.integers(1, 40), hk=st.integers(1, 2),
        g=st.integers(1, 2), d=st.sampled_from([8, 16, 24, 32]), causal=st.booleans(),
        scale=st.one_of(st.none(), st.floats(0.1, 1.5)),
