@@ -13,6 +13,7 @@ docs/benchmarks/img/flashattn-memory.{png,svg}.
 from __future__ import annotations
 
 import argparse
+import functools
 import sys
 from pathlib import Path
 
@@ -49,6 +50,11 @@ def run_reference(state):
 def run_tiled(state):
     q, k, v, do = state
     flash_attention(q, k, v, causal=True, impl="tiled").backward(do)
+
+
+def run_sdpa(state):
+    q, k, v, do = state
+    F.scaled_dot_product_attention(q, k, v, is_causal=True).backward(do)
 
 
 def memory_table(seqlens, ref_max_gb: float):
@@ -113,19 +119,13 @@ def plot(pts):
 def speed_table(seqlens):
     rows = []
     for s in seqlens:
-        q, k, v, do = setup(s)
-        qs, ks, vs = (t.detach().transpose(1, 2).contiguous().requires_grad_() for t in (q, k, v))
-        dos = do.transpose(1, 2).contiguous()
-
-        def tiled():
-            flash_attention(q, k, v, causal=True, impl="tiled").backward(do)
-
-        def sdpa():
-            F.scaled_dot_product_attention(qs, ks, vs, is_causal=True).backward(dos)
-
-        def ref():
-            attention_reference(q, k, v, causal=True).backward(do)
-
+        state = setup(s)
+        # SDPA's native layout is (B, H, S, D)
+        sdpa_state = tuple(t.detach().transpose(1, 2).contiguous().requires_grad_(i < 3)
+                           for i, t in enumerate(state))
+        tiled = functools.partial(run_tiled, state)
+        sdpa = functools.partial(run_sdpa, sdpa_state)
+        ref = functools.partial(run_reference, state)
         t_t, t_s, t_r = (time_fn(f, device="cpu", warmup=1, min_run_time=0.3)
                          for f in (tiled, sdpa, ref))
         flops = 3.5 * 4 * B * H * s * s * D / 2  # fwd + bwd, causal

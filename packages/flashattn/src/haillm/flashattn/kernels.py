@@ -47,7 +47,8 @@ def _fwd_loop(acc, l_i, m_i, q, k_base, v_base, stride_kt, stride_vt, lo, hi,
         l_i = l_i * alpha + tl.sum(p, 1)
         vb = tl.load(v_base + cols[:, None] * stride_vt + offs_d[None, :],
                      mask=(cols[:, None] < seqlen_k) & mask_d[None, :], other=0.0)  # (N, D)
-        acc = acc * alpha[:, None] + tl.dot(p.to(vb.dtype), vb, input_precision=DOT_PREC)
+        # accumulate inside the dot (acc is the MMA accumulator): no second register tile
+        acc = tl.dot(p.to(vb.dtype), vb, acc * alpha[:, None], input_precision=DOT_PREC)
         m_i = m_new
     return acc, l_i, m_i
 
@@ -145,11 +146,11 @@ def _dkdv_loop(dk, dv, k, v, q_base, do_base, lse_base, delta_base, stride_qt, s
             pt = tl.where(offs_n[:, None] <= offs_m[None, :] + diag, pt, 0.0)  # (N, M)
         do = tl.load(do_base + offs_m[:, None] * stride_dot + offs_d[None, :],
                      mask=mask_m[:, None] & mask_d[None, :], other=0.0)  # (M, D)
-        dv += tl.dot(pt.to(do.dtype), do, input_precision=DOT_PREC)
+        dv = tl.dot(pt.to(do.dtype), do, dv, input_precision=DOT_PREC)
         delta = tl.load(delta_base + offs_m, mask=mask_m, other=0.0)
         dpt = tl.dot(v, tl.trans(do), input_precision=DOT_PREC)  # (N, M)
         dst = pt * (dpt - delta[None, :])  # dS^T = P^T ∘ (dP^T - D)
-        dk += tl.dot(dst.to(qt.dtype), tl.trans(qt), input_precision=DOT_PREC)
+        dk = tl.dot(dst.to(qt.dtype), tl.trans(qt), dk, input_precision=DOT_PREC)
     return dk, dv
 
 
@@ -237,7 +238,7 @@ def _dq_loop(dq, q, do, lse, delta, k_base, v_base, stride_kt, stride_vt, lo, hi
             p = tl.where(ok, p, 0.0)
         dp = tl.dot(do, vt, input_precision=DOT_PREC)  # (M, N)
         ds = p * (dp - delta[:, None])
-        dq += tl.dot(ds.to(kt.dtype), tl.trans(kt), input_precision=DOT_PREC)
+        dq = tl.dot(ds.to(kt.dtype), tl.trans(kt), dq, input_precision=DOT_PREC)
     return dq
 
 
