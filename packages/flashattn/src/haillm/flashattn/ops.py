@@ -50,12 +50,17 @@ def _config(kind: str, block_d: int, dtype: torch.dtype) -> dict:
     return dict(BLOCK_M=64, BLOCK_N=64, num_warps=8 if big else 4, num_stages=2 if big else 3)
 
 
+# Autotune candidates (BLOCK_M, BLOCK_N, num_warps, num_stages) by (kernel, head dim > 64): the
+# fixed default first, then two alternatives; kept short because every one costs a compile.
 _TUNE_SPACE = {
-    "fwd": [(128, 64, 8, 3), (128, 32, 8, 3), (64, 64, 4, 3), (128, 64, 4, 3)],
-    "dkdv": [(64, 64, 8, 2), (64, 32, 4, 2), (32, 64, 4, 3), (64, 128, 8, 2)],
-    "dq": [(64, 64, 4, 3), (64, 64, 8, 2), (128, 64, 8, 2), (128, 32, 4, 3)],
+    ("fwd", False): [(128, 64, 8, 3), (128, 64, 4, 3), (64, 64, 4, 3)],
+    ("fwd", True): [(128, 32, 8, 3), (128, 64, 8, 3), (64, 64, 4, 2)],
+    ("dkdv", False): [(64, 64, 8, 2), (64, 64, 4, 2), (32, 128, 4, 3)],
+    ("dkdv", True): [(64, 64, 8, 2), (64, 32, 4, 2), (32, 64, 8, 2)],
+    ("dq", False): [(64, 64, 4, 3), (128, 64, 8, 2), (64, 32, 4, 2)],
+    ("dq", True): [(64, 64, 8, 2), (128, 64, 8, 2), (64, 32, 4, 2)],
 }
-_TUNED: dict[str, object] = {}
+_TUNED: dict[tuple[str, bool], object] = {}
 
 
 def _bench(fn, quantiles=None):
@@ -67,16 +72,17 @@ def _bench(fn, quantiles=None):
 def _launch(kind: str, kernel, grid, args, *, CAUSAL, BLOCK_D, DOT_PREC, dtype):
     """Run `kernel` with a fixed config, or through a (cached) autotuner on GPU."""
     if AUTOTUNE and dtype != torch.float32:
-        if kind not in _TUNED:
+        tkey = (kind, BLOCK_D > 64)
+        if tkey not in _TUNED:
             configs = [triton.Config(dict(BLOCK_M=m, BLOCK_N=n), num_warps=w, num_stages=s)
-                       for m, n, w, s in _TUNE_SPACE[kind]]
+                       for m, n, w, s in _TUNE_SPACE[tkey]]
             key = ["headdim", "seq_bucket", "CAUSAL", "DOT_PREC"]
             try:
                 tuner = triton.autotune(configs, key=key, do_bench=_bench)
             except TypeError:  # older triton: no do_bench argument
                 tuner = triton.autotune(configs, key=key, warmup=5, rep=20)
-            _TUNED[kind] = tuner(kernel)
-        _TUNED[kind][grid](*args, CAUSAL=CAUSAL, BLOCK_D=BLOCK_D, DOT_PREC=DOT_PREC)
+            _TUNED[tkey] = tuner(kernel)
+        _TUNED[tkey][grid](*args, CAUSAL=CAUSAL, BLOCK_D=BLOCK_D, DOT_PREC=DOT_PREC)
         return
     cfg = _config(kind, BLOCK_D, dtype)
     meta = dict(BLOCK_M=cfg["BLOCK_M"], BLOCK_N=cfg["BLOCK_N"])
