@@ -93,3 +93,12 @@ def test_varlen_errors():
         flash_attention_varlen(q, k, v, good, torch.tensor([0, 6], dtype=torch.int32), 4, 6)
     with pytest.raises(ValueError, match=r"shape \(batch \+ 1,\)"):
         flash_attention_varlen(q, k, v, good[None], good, 4, 4)
+
+
+def test_triton_on_cpu_without_interpreter_names_tiled(monkeypatch):
+    from haillm.flashattn import functional
+
+    monkeypatch.setattr(functional, "_interpreting", lambda: False)
+    q, k, v = qkv()
+    with pytest.raises(ValueError, match=r"impl='triton' needs CUDA tensors .*impl='tiled'"):
+        flash_attention(q, k, v, impl="triton")

@@ -124,3 +124,15 @@ def test_triton_gpu_auto_and_varlen_bf16():
     plain = [torch.cat([p[i][0] for p in per_seq]) for i in range(4)]
     for i, name in enumerate(("out", "dq", "dk", "dv")):
         assert_lowp_close(got[i], plain[i], truth[i], name=name, floor=1e-3)
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="interpreter-only path")
+def test_triton_interpreter_bf16_is_computed_in_fp32():
+    # the interpreter cannot do bf16 arithmetic: the launcher upcasts and rounds the result once
+    q, k, v, do = make_qkv(1, 20, 20, 2, 1, 16, dtype=torch.bfloat16, seed=13)
+    got = fwd_bwd(lambda q, k, v: flash_attention(q, k, v, causal=True, impl="triton"), q, k, v, do)
+    want = fwd_bwd(lambda q, k, v: attention_reference(q.float(), k.float(), v.float(),
+                                                       causal=True).to(q.dtype), q, k, v, do)
+    for a, e in zip(got, want):
+        assert a.dtype == torch.bfloat16
+        assert_close(a, e, dtype=torch.bfloat16)
