@@ -136,3 +136,18 @@ def test_triton_interpreter_bf16_is_computed_in_fp32():
     for a, e in zip(got, want):
         assert a.dtype == torch.bfloat16
         assert_close(a, e, dtype=torch.bfloat16)
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="interpreter block sizes")
+@pytest.mark.parametrize("blocks", [
+    {"fwd": (32, 16), "dkdv": (16, 32), "dq": (32, 16)},
+    {"fwd": (16, 32), "dkdv": (32, 16), "dq": (16, 64)},
+])
+def test_triton_unequal_block_sizes(monkeypatch, blocks):
+    """The GPU configs use BLOCK_M != BLOCK_N: the causal split points must not assume equality."""
+    from haillm.flashattn import ops
+
+    monkeypatch.setattr(ops, "INTERPRET_BLOCKS", blocks)
+    for sq, sk in ((45, 45), (23, 50), (50, 23)):
+        _check(1, sq, sk, 2, 1, 16, True, None, torch.float32, seed=sq + sk)
+    _check(2, 37, 29, 2, 2, 16, False, None, torch.float32, seed=5)

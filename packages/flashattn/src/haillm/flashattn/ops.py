@@ -24,6 +24,9 @@ __all__ = ["TritonAttention", "triton_attention_packed"]
 INTERPRET = os.environ.get("TRITON_INTERPRET", "0") == "1"
 AUTOTUNE = (not INTERPRET) and os.environ.get("HAILLM_FLASHATTN_AUTOTUNE", "0") == "1"
 LOG2E = 1.4426950408889634
+# (BLOCK_M, BLOCK_N) per kernel under the interpreter: small, so tiny test shapes still cross
+# several blocks; tests also set unequal sizes, as the GPU configs use.
+INTERPRET_BLOCKS = {"fwd": (16, 16), "dkdv": (16, 16), "dq": (16, 16)}
 
 
 def _block_d(headdim: int) -> int:
@@ -37,7 +40,8 @@ def _seq_bucket(max_seqlen: int) -> int:
 def _config(kind: str, block_d: int, dtype: torch.dtype) -> dict:
     """Fixed launch configuration (BLOCK_M, BLOCK_N, num_warps, num_stages) per kernel."""
     if INTERPRET:
-        return dict(BLOCK_M=16, BLOCK_N=16, num_warps=1, num_stages=1)
+        m, n = INTERPRET_BLOCKS[kind]
+        return dict(BLOCK_M=m, BLOCK_N=n, num_warps=1, num_stages=1)
     big = block_d > 64
     if dtype == torch.float32:  # 4-byte tiles: halve them to stay within shared memory
         return dict(BLOCK_M=64, BLOCK_N=32, num_warps=4, num_stages=2)
