@@ -6,8 +6,9 @@
   L2 flushed between runs). CPU: `torch.utils.benchmark.Timer.blocked_autorange`.
 * `peak_memory(fn)` -> peak bytes. GPU: `torch.cuda.max_memory_allocated` around one call.
   CPU: allocator peaks are invisible to torch, so each configuration runs in a *fresh*
-  subprocess and we report its peak resident set size (`ru_maxrss`) minus the RSS measured in
-  the same subprocess right before the call (imports and inputs excluded).
+  subprocess; there the peak-RSS mark is reset after imports and setup (Linux `clear_refs`),
+  and we report the new peak minus the RSS right before the call (imports and inputs
+  excluded). Elsewhere, `ru_maxrss` before and after.
 * `write_table(path, title, headers, rows, notes)` writes (or replaces) one Markdown table
   section in a page of `docs/benchmarks/`, and returns the table as text for printing.
 """
@@ -79,14 +80,39 @@ def peak_memory(fn: Callable[[], Any], *, device: str | torch.device = "cuda") -
     return torch.cuda.max_memory_allocated(device) - base
 
 
+def _status_kib(field: str) -> int | None:
+    try:
+        for line in Path("/proc/self/status").read_text().splitlines():
+            if line.startswith(field + ":"):
+                return int(line.split()[1])
+    except OSError:
+        return None
+    return None
+
+
+def _reset_peak_rss() -> bool:
+    """Linux: make the high-water mark (VmHWM) equal the current RSS (`clear_refs` code 5)."""
+    try:
+        Path("/proc/self/clear_refs").write_text("5")
+        return _status_kib("VmHWM") is not None
+    except OSError:
+        return False
+
+
 def _rss_child(setup: Callable[..., Any], run: Callable[[Any], Any], args: tuple, conn) -> None:
     try:
         torch.set_num_threads(1)
         state = setup(*args)
-        before = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
-        # ru_maxrss is a high-water mark: touch nothing else between the two readings.
-        run(state)
-        after = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+        if _reset_peak_rss():
+            # The peak from imports/setup is forgotten: growth = new peak - current RSS.
+            before = _status_kib("VmRSS")
+            run(state)
+            after = _status_kib("VmHWM")
+        else:
+            # ru_maxrss is a lifetime high-water mark: the import spike may hide small runs.
+            before = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+            run(state)
+            after = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
         conn.send(("ok", (after - before) * 1024, before * 1024))
     except BaseException as e:  # noqa: BLE001
         conn.send(("error", repr(e), 0))

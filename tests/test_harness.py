@@ -17,9 +17,11 @@ def _allreduce_rank() -> tuple[int, int, torch.Tensor]:
     return dist.get_rank(), dist.get_world_size(), t
 
 
-@pytest.mark.parametrize("world_size", [1, 2, 4])
-def test_gloo_ranks_all_reduce(world_size):
-    out = run_distributed(_allreduce_rank, world_size)
+@pytest.mark.parametrize(
+    "world_size,start_method", [(1, "fork"), (2, "spawn"), (2, "fork"), (4, "fork")]
+)
+def test_gloo_ranks_all_reduce(world_size, start_method):
+    out = run_distributed(_allreduce_rank, world_size, start_method=start_method)
     expected = world_size * (world_size + 1) / 2
     assert [r for r, _, _ in out] == list(range(world_size))
     assert all(w == world_size for _, w, _ in out)
@@ -34,7 +36,7 @@ def _fail_on_rank(bad: int) -> None:
 
 def test_failing_rank_reraises_with_its_traceback():
     with pytest.raises(RankFailure) as info:
-        run_distributed(_fail_on_rank, 2, 1, timeout=20)
+        run_distributed(_fail_on_rank, 2, 1, timeout=20, start_method="fork")
     text = str(info.value)
     assert "rank 1 raised" in text
     assert "ValueError: deliberate failure on rank 1" in text
@@ -51,7 +53,7 @@ def _hang() -> None:
 
 def test_hanging_rank_times_out():
     with pytest.raises(RankFailure, match="did not finish|raised"):
-        run_distributed(_hang, 2, timeout=3)
+        run_distributed(_hang, 2, timeout=3, start_method="fork")
 
 
 def _exit_hard() -> None:
@@ -62,7 +64,7 @@ def _exit_hard() -> None:
 
 def test_dead_rank_is_reported():
     with pytest.raises(RankFailure, match="rank 1 died without reporting"):
-        run_distributed(_exit_hard, 2, timeout=20)
+        run_distributed(_exit_hard, 2, timeout=20, start_method="fork")
 
 
 def test_triton_interpreter_is_on_without_cuda():

@@ -77,3 +77,17 @@ def test_nproc_launches_ranks_through_torch_elastic(tmp_path, capsys):
     recs = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
     assert len(recs) == 2
     assert load_config(file=out / "config.toml").parallel.tp == 2
+
+
+@pytest.mark.parametrize("zero_impl", ["auto", "trainer"])
+def test_fp16_run_with_loss_scaling(tmp_path, zero_impl):
+    out = tmp_path / "fp16"
+    rc = train_main([*COMMON, "--steps", "6", "--precision", "fp16", "--out", str(out),
+                     "--set", "train.eval_every=0", "--set", "run.sample_tokens=0",
+                     "--set", f"parallel.zero_impl={zero_impl}"])
+    assert rc == 0
+    recs = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
+    assert all(r["loss_scale"] > 1 for r in recs)  # the dynamic loss scale is logged
+    applied = [r for r in recs if not r["skipped"]]
+    assert applied and all(r["loss"] == r["loss"] for r in applied)  # finite, not NaN
+    assert recs[-1]["loss"] < recs[0]["loss"]

@@ -21,14 +21,14 @@ from tests.helpers import run_distributed
 STEPS = 3
 
 
-def _cfg_dict(corpus: str, out: str, dp=1, tp=1, pp=1, sp=True, zero_impl="auto") -> dict:
+def _cfg_dict(corpus: str, out: str, dp=1, tp=1, pp=1, sp=True) -> dict:
     cfg = load_config("micro", overrides=[
         f"data.corpus={corpus}", "data.val_fraction=0", f"run.out={out}",
         f"train.steps={STEPS}", "train.precision=fp32", "train.eval_every=0",
         "train.warmup_steps=1", "train.grad_clip=0.5", "run.sample_tokens=0",
         "run.tensorboard=false", "parallel.microbatches=4", "parallel.attention=tiled",
         f"parallel.dp={dp}", f"parallel.tp={tp}", f"parallel.pp={pp}",
-        f"parallel.sequence_parallel={sp}", f"parallel.zero_impl={zero_impl}",
+        f"parallel.sequence_parallel={sp}",
     ])
     return cfg.to_dict()
 
@@ -92,24 +92,29 @@ def test_layouts_match_plain_pytorch(corpus, tmp_path):
     from haillm.trainer import Config
 
     single = apply_dict(Config(), _cfg_dict(corpus, str(tmp_path / "111")), source="test")
-    got = {(1, 1, 1, False, "auto"): train(single)["losses"]}  # one process, no torch.distributed
-    # zero_impl: "auto" composes haillm.zero when installed; "trainer" keeps the trainer's own
-    # ZeRO-1 (the fallback) under test too
-    layouts = {2: [(2, 1, 1, False, "auto"), (1, 2, 1, True, "auto"), (1, 1, 2, False, "auto"),
-                   (2, 1, 1, False, "trainer")],
-               8: [(2, 2, 2, True, "auto")]}
-    for world, lays in layouts.items():
-        cfgs = [_cfg_dict(corpus, str(tmp_path / f"{dp}{tp}{pp}{z}"), dp, tp, pp, sp, z)
-                for dp, tp, pp, sp, z in lays]
-        if world == 2 and package_executor_available():
-            # interleaved 1F1B: 2 model chunks per stage (needs haillm.pipeline's executor)
-            d = _cfg_dict(corpus, str(tmp_path / "112i"), 1, 1, 2, False)
-            d["parallel"].update(pipeline_schedule="interleaved", chunks=2)
+    got = {"(1,1,1)": train(single)["losses"]}  # one process, no torch.distributed
+    # "auto" composes the packages that are installed (haillm.parallel layers, haillm.pipeline's
+    # executor, haillm.zero); the *_impl="trainer" variants keep the trainer's own fallbacks
+    # under test too
+    runs = {2: {"(2,1,1) ZeRO-1": (2, 1, 1, False, {}),
+                "(1,2,1) TP+SP": (1, 2, 1, True, {}),
+                "(1,1,2) 1F1B": (1, 1, 2, False, {}),
+                "(2,1,1) trainer ZeRO-1": (2, 1, 1, False, {"zero_impl": "trainer"}),
+                "(1,2,1) trainer TP regions": (1, 2, 1, True, {"tp_layers": "trainer"}),
+                "(1,1,2) trainer executor": (1, 1, 2, False, {"pipeline_impl": "trainer"})},
+            8: {"(2,2,2) TP+SP, 1F1B, ZeRO-1": (2, 2, 2, True, {})}}
+    if package_executor_available():  # interleaved 1F1B needs haillm.pipeline's executor
+        runs[2]["(1,1,2) interleaved, 2 chunks"] = (
+            1, 1, 2, False, {"pipeline_schedule": "interleaved", "chunks": 2})
+    for world, named in runs.items():
+        cfgs = []
+        for i, (dp, tp, pp, sp, extra) in enumerate(named.values()):
+            d = _cfg_dict(corpus, str(tmp_path / f"w{world}-{i}"), dp, tp, pp, sp)
+            d["parallel"].update(extra)
             cfgs.append(d)
-            lays = [*lays, (1, 1, 2, False, "interleaved")]
         # fork: the ranks start in a second instead of re-importing torch (2-core CI budget)
         res = run_distributed(_run_layouts, world, cfgs, timeout=300, start_method="fork")[0]
-        got.update({lay: losses for lay, losses in zip(lays, res)})
+        got.update(dict(zip(named, res)))
     for lay, losses in got.items():
         assert len(losses) == STEPS
         np.testing.assert_allclose(losses, expected, rtol=1e-4, err_msg=f"layout {lay}")

@@ -93,7 +93,7 @@ def run_step(stage, actions, inputs: list, targets: list, grid: Grid, *, act_sha
     prev, nxt = grid.stage_peer(-1), grid.stage_peer(+1)
     saved: dict[int, tuple] = {}
     sends: list = []
-    total = torch.zeros((), dtype=torch.float32)
+    total = torch.zeros((), dtype=torch.float32, device=inputs[0].device)
     n_back = sum(1 for a in actions if a.kind == "B")
     done_back = 0
 
@@ -200,7 +200,7 @@ class PackageStep:
                 times.p2p += max(elapsed - busy, 0.0)
             else:
                 times.compute += elapsed
-        total = torch.zeros((), dtype=torch.float32)
+        total = torch.zeros((), dtype=torch.float32, device=inputs[0].device)
         for loss in losses:
             total += loss.float() / (len(inputs) * loss_scale)
         return total

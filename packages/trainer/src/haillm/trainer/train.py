@@ -44,7 +44,10 @@ DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}
 def _world_sum(x: float, grid: Grid) -> float:
     if grid.world == 1:
         return x
-    t = torch.tensor([x], dtype=torch.float64)
+    # NCCL reduces only CUDA tensors; gloo takes CPU ones
+    dev = torch.device("cuda", torch.cuda.current_device()) if (
+        dist.get_backend() == "nccl") else torch.device("cpu")
+    t = torch.tensor([x], dtype=torch.float64, device=dev)
     dist.all_reduce(t)
     return t.item()
 
@@ -64,8 +67,10 @@ def evaluate(chunks: list[StageModel], ds, grid: Grid, cfg: Config, *, act_shape
     total, n, sends = 0.0, 0, []
     for j in range(0, len(mine), mbs):
         x, y = ds.val_batch(mine[j:j + mbs])
+        dev = next(chunks[0].parameters()).device
+        x, y = x.to(dev), y.to(dev)
         for chunk in chunks:
-            h = x if chunk.first else _recv(act_shape, dtype, grid.stage_peer(-1)
+            h = x if chunk.first else _recv(act_shape, dtype, dev, grid.stage_peer(-1)
                                             if not grid.is_first_stage else
                                             grid.stage_peer(grid.pp - 1))
             out = chunk(h, y if chunk.last else None)
@@ -82,8 +87,8 @@ def evaluate(chunks: list[StageModel], ds, grid: Grid, cfg: Config, *, act_shape
     return _world_sum(mine_loss, grid) / grid.dp
 
 
-def _recv(shape, dtype, src):
-    buf = torch.empty(shape, dtype=dtype)
+def _recv(shape, dtype, device, src):
+    buf = torch.empty(shape, dtype=dtype, device=device)
     dist.recv(buf, src=src)
     return buf
 

@@ -1,0 +1,161 @@
+"""Public entry points: `flash_attention` and `flash_attention_varlen`, dispatching on `impl`."""
+
+from __future__ import annotations
+
+import math
+import warnings
+
+import torch
+
+from .checks import TRITON_DTYPES, TRITON_MAX_HEADDIM, check_cu_seqlens, check_impl, check_qkv
+from .reference import attention_reference
+from .tiled import tiled_attention
+
+__all__ = ["flash_attention", "flash_attention_varlen", "resolve_impl"]
+
+
+def _triton_available() -> tuple[bool, str]:
+    try:
+        import triton  # noqa: F401
+
+        from . import ops  # noqa: F401
+    except Exception as e:  # noqa: BLE001  (ImportError, or a broken triton install)
+        return False, f"triton could not be imported ({e!r})"
+    return True, ""
+
+
+def _interpreting() -> bool:
+    import os
+
+    return os.environ.get("TRITON_INTERPRET", "0") == "1"
+
+
+def resolve_impl(impl: str, q: torch.Tensor) -> str:
+    """Which implementation runs: "auto" -> "triton" on CUDA tensors, "tiled" otherwise.
+
+    An explicit or automatic triton choice that cannot run falls back to "tiled" with a warning
+    when it came from "auto", and raises when it was asked for explicitly.
+    """
+    check_impl(impl)
+    if impl in ("reference", "tiled"):
+        return impl
+    if impl == "auto" and q.device.type != "cuda":
+        return "tiled"
+    problem = ""
+    ok, why = _triton_available()
+    if not ok:
+        problem = why
+    elif q.device.type != "cuda" and not _interpreting():
+        problem = (f"impl='triton' needs CUDA tensors (got {q.device}) or TRITON_INTERPRET=1; "
+                   "impl='tiled' runs on any device")
+    elif q.dtype not in TRITON_DTYPES:
+        problem = (f"impl='triton' supports dtypes {TRITON_DTYPES}, got {q.dtype}; "
+                   "impl='tiled' or impl='reference' supports it")
+    elif q.shape[-1] > TRITON_MAX_HEADDIM:
+        problem = (f"impl='triton' supports headdim <= {TRITON_MAX_HEADDIM}, got {q.shape[-1]}; "
+                   "impl='tiled' or impl='reference' supports it")
+    if not problem:
+        return "triton"
+    if impl == "triton":
+        exc = TypeError if "dtype" in problem else ValueError
+        raise exc(problem)
+    warnings.warn(f"flash_attention: falling back to impl='tiled': {problem}", stacklevel=3)
+    return "tiled"
+
+
+def flash_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, *, causal: bool = False,
+                    softmax_scale: float | None = None, impl: str = "auto") -> torch.Tensor:
+    """Exact attention softmax(q kᵀ · scale) v without materialising the score matrix.
+
+    Args:
+        q: (batch, seqlen_q, nheads, headdim).
+        k: (batch, seqlen_k, nheads_kv, headdim); nheads % nheads_kv == 0 (GQA/MQA, K/V are
+            never repeated).
+        v: (batch, seqlen_k, nheads_kv, headdim).
+        causal: causal mask aligned to the bottom-right corner when seqlen_q != seqlen_k
+            (query i sees key j iff j <= i + seqlen_k - seqlen_q); rows that see no key are 0.
+        softmax_scale: defaults to 1/sqrt(headdim).
+        impl: "reference" (materialises the scores), "tiled" (pure-PyTorch blockwise online
+            softmax, backward recomputes), "triton" (FlashAttention-2 kernels; CUDA, or CPU
+            under TRITON_INTERPRET=1), "auto" (triton on CUDA, tiled on CPU).
+
+    Returns:
+        (batch, seqlen_q, nheads, headdim) in q.dtype; differentiable in q, k and v.
+    """
+    check_impl(impl)
+    check_qkv(q, k, v, impl=impl)
+    scale = 1.0 / math.sqrt(q.shape[-1]) if softmax_scale is None else float(softmax_scale)
+    which = resolve_impl(impl, q)
+    if which == "reference":
+        return attention_reference(q, k, v, causal=causal, softmax_scale=scale)
+    if which == "tiled":
+        return tiled_attention(q, k, v, causal=causal, softmax_scale=scale)
+    from .ops import triton_attention_packed
+
+    B, Sq, H, D = q.shape
+    Sk = k.shape[1]
+    cu_q = torch.arange(0, (B + 1) * Sq, Sq, dtype=torch.int32, device=q.device)  # (B + 1,)
+    cu_k = torch.arange(0, (B + 1) * Sk, Sk, dtype=torch.int32, device=q.device)
+    pack = lambda t: t.reshape(t.shape[0] * t.shape[1], t.shape[2], t.shape[3])  # (B*S, H, D)
+    out = triton_attention_packed(pack(q), pack(k), pack(v), cu_q, cu_k, Sq, Sk, causal=causal,
+                                  softmax_scale=scale)
+    return out.view(B, Sq, H, D)
+
+
+def flash_attention_varlen(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
+                           cu_seqlens_q: torch.Tensor, cu_seqlens_k: torch.Tensor,
+                           max_seqlen_q: int, max_seqlen_k: int, *, causal: bool = False,
+                           softmax_scale: float | None = None, impl: str = "auto") -> torch.Tensor:
+    """Attention over packed variable-length sequences (no padding, no cross-sequence attention).
+
+    Sequence b is rows cu_seqlens_q[b]:cu_seqlens_q[b+1] of q and cu_seqlens_k[b]:cu_seqlens_k[b+1]
+    of k and v; the result equals running `flash_attention` on each sequence alone.
+
+    Args:
+        q: (total_q, nheads, headdim).
+        k: (total_k, nheads_kv, headdim).
+        v: (total_k, nheads_kv, headdim).
+        cu_seqlens_q: int32 (batch + 1,), starts at 0, non-decreasing, ends at total_q.
+        cu_seqlens_k: int32 (batch + 1,), likewise, ends at total_k.
+        max_seqlen_q: longest query sequence (the kernel's grid size).
+        max_seqlen_k: longest key sequence.
+        causal: as in `flash_attention` (bottom-right aligned per sequence).
+        softmax_scale: defaults to 1/sqrt(headdim).
+        impl: as in `flash_attention`.
+
+    Returns:
+        (total_q, nheads, headdim) in q.dtype.
+    """
+    check_impl(impl)
+    check_qkv(q, k, v, impl=impl, varlen=True)
+    offs_q = check_cu_seqlens(cu_seqlens_q, "cu_seqlens_q", q.shape[0], max_seqlen_q, q.device)
+    offs_k = check_cu_seqlens(cu_seqlens_k, "cu_seqlens_k", k.shape[0], max_seqlen_k, q.device)
+    if len(offs_q) != len(offs_k):
+        raise ValueError(f"cu_seqlens_q ({len(offs_q)}) and cu_seqlens_k ({len(offs_k)}) must "
+                         "have the same length (batch + 1)")
+    scale = 1.0 / math.sqrt(q.shape[-1]) if softmax_scale is None else float(softmax_scale)
+    which = resolve_impl(impl, q)
+    if which == "triton":
+        from .ops import triton_attention_packed
+
+        return triton_attention_packed(q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q,
+                                       max_seqlen_k, causal=causal, softmax_scale=scale)
+    # PyTorch paths: one call per sequence (the kernels do this with per-program offsets).
+    outs = []
+    for b in range(len(offs_q) - 1):
+        qb = q[offs_q[b]:offs_q[b + 1]].unsqueeze(0)  # (1, Sq_b, H, D)
+        kb = k[offs_k[b]:offs_k[b + 1]].unsqueeze(0)
+        vb = v[offs_k[b]:offs_k[b + 1]].unsqueeze(0)
+        if qb.shape[1] == 0:
+            continue
+        if kb.shape[1] == 0:  # nothing to attend to: zero output, like a fully masked row
+            outs.append(torch.zeros_like(qb[0]))
+            continue
+        if which == "reference":
+            ob = attention_reference(qb, kb, vb, causal=causal, softmax_scale=scale)
+        else:
+            ob = tiled_attention(qb, kb, vb, causal=causal, softmax_scale=scale)
+        outs.append(ob[0])
+    if not outs:
+        return torch.zeros_like(q)
+    return torch.cat(outs, dim=0)
