@@ -92,3 +92,24 @@ def test_resume_refuses_model_mismatch(tmp_path):
     with pytest.raises(CheckpointError, match=r"another model: hidden_size \(32 saved, 64 now\)"):
         train(run_cfg(corpus, out, steps=2, extra=["run.resume=true", "model.hidden_size=64",
                                                   "model.intermediate_size=128"]))
+
+
+def _interleaved(corpus: str, out: str, extra: list[str]):
+    torch.set_num_threads(1)
+    il = ["parallel.pipeline_schedule=interleaved", "parallel.chunks=2"]
+    return train(run_cfg(corpus, out, steps=STEPS, pp=2, extra=[*il, *extra]))["losses"]
+
+
+def test_interleaved_virtual_stages_resume(tmp_path):
+    """Two model chunks per rank (interleaved 1F1B): exact resume, then reshard to one rank."""
+    corpus = make_corpus(tmp_path / "tokens.bin")
+    full = run_distributed(_interleaved, 2, corpus, str(tmp_path / "full"), [],
+                           start_method="fork")[0]
+    run_distributed(_interleaved, 2, corpus, str(tmp_path / "b"), [f"run.exit_after={STOP}"],
+                    start_method="fork")
+    _copy_checkpoint(tmp_path / "b", tmp_path / "c")
+    same = run_distributed(_interleaved, 2, corpus, str(tmp_path / "b"), ["run.resume=true"],
+                           start_method="fork")[0]
+    assert same == full[STOP:]
+    one = train(run_cfg(corpus, tmp_path / "c", steps=STEPS, extra=["run.resume=true"]))
+    np.testing.assert_allclose(one["losses"], full[STOP:], rtol=1e-4)
