@@ -115,6 +115,9 @@ def test_keep_last_k(corpus, tmp_path):
     train(run_cfg(corpus, out, steps=5, extra=["run.save_every=1"]))
     assert [p.name for p in checkpoints(out / "checkpoints")] == [
         "step_00000003", "step_00000004", "step_00000005"]
+    out2 = tmp_path / "run2"
+    train(run_cfg(corpus, out2, steps=3, extra=["run.save_every=1", "run.keep_checkpoints=1"]))
+    assert [p.name for p in checkpoints(out2 / "checkpoints")] == ["step_00000003"]
 
 
 def test_nonfinite_loss_stops_with_step(corpus, tmp_path, monkeypatch):

@@ -248,6 +248,8 @@ class Checkpointer:
     def __init__(self, cfg, grid, chunks, model, opt, sampler, scaler=None, *,
                  keep: int = 3, stream=None):
         self.cfg, self.grid, self.chunks, self.stage, self.opt = cfg, grid, chunks, model, opt
+        if keep < 0:
+            raise ValueError(f"run.keep_checkpoints must be >= 0 (0: keep all), got {keep}")
         self.sampler, self.scaler, self.keep = sampler, scaler, keep
         self.prefixes = [""] if len(chunks) == 1 else [f"{c}." for c in range(len(chunks))]
         self.root = Path(cfg.run.out) / "checkpoints"

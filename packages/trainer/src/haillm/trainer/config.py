@@ -197,6 +197,8 @@ class RunConfig:
     """Save and exit cleanly after this step (0: run to the end)."""
     resume: bool = False
     """Continue from the newest complete checkpoint in `out`."""
+    keep_checkpoints: int = 3
+    """Complete checkpoints kept in `<out>/checkpoints` (older ones deleted; 0: keep all)."""
     sample_tokens: int = 48
     """Tokens generated at the end of the run (0: none)."""
     sample_prompt: str = "def "

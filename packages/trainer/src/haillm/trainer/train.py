@@ -169,7 +169,8 @@ def train(cfg: Config, *, stream=None) -> dict:
                                            grid.pp_rank)
         sched_src = "trainer executor, schedule: " + sched_src
     sampler = Sampler(ds.n_train, t.global_batch, t.seed)
-    ckpt = Checkpointer(cfg, grid, chunks, stage, opt, sampler, scaler, stream=stream)
+    ckpt = Checkpointer(cfg, grid, chunks, stage, opt, sampler, scaler, stream=stream,
+                        keep=cfg.run.keep_checkpoints)
     start = ckpt.resume() if cfg.run.resume else 0  # reshards if the layout changed
 
     tokens_per_step = t.global_batch * m.seq_len
