@@ -93,6 +93,9 @@ def test_damaged_checkpoint_refused_older_used(corpus, saved, uninterrupted, dam
     losses, log = _resume(corpus, saved)
     assert "refusing checkpoint" in log and "at step 2" in log
     assert losses == uninterrupted[2:]
+    # steps 3 and 4 of the first run were logged, then logged again by the resumed run: once
+    steps = [json.loads(x)["step"] for x in (saved / "metrics.jsonl").read_text().splitlines()]
+    assert steps == [1, 2, 3, 4, 5, 6]
 
 
 def test_failure_while_saving_keeps_previous(corpus, tmp_path, monkeypatch, uninterrupted):

@@ -31,6 +31,7 @@ checksums are verified: a missing, truncated or corrupted file is refused with a
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import json
 import os
@@ -38,6 +39,7 @@ import random
 import shutil
 import sys
 import time
+import warnings
 from pathlib import Path
 
 import torch
@@ -148,8 +150,28 @@ def load_logical(path: Path, keys: dict[str, tuple[tuple[int, ...], torch.dtype]
         keys = {k[len(prefix):]: (tuple(v.size), v.properties.dtype) for k, v in meta.items()
                 if k.startswith(prefix)}
     sd = {prefix + k: torch.empty(shape, dtype=dt) for k, (shape, dt) in keys.items()}
-    dcp.load(sd, checkpoint_id=str(path), no_dist=True)
+    with _quiet_single_process():
+        dcp.load(sd, checkpoint_id=str(path), no_dist=True)
     return {k[len(prefix):]: v for k, v in sd.items()}, manifest
+
+
+@contextlib.contextmanager
+def _quiet_single_process():
+    """DCP warns that it 'assumes a single process' when there is none: that is the intent."""
+    with warnings.catch_warnings():
+        warnings.filterwarnings("ignore", message="torch.distributed is disabled")
+        yield
+
+
+def _trim_metrics(out: Path, step: int) -> None:
+    """Drop `metrics.jsonl` records after `step` (logged by a run that died before saving
+    them), so that the resumed run appends each step exactly once."""
+    f = out / "metrics.jsonl"
+    if not f.is_file():
+        return
+    keep = [ln for ln in f.read_text(encoding="utf-8").splitlines()
+            if ln.strip() and json.loads(ln).get("step", 0) <= step]
+    f.write_text("".join(ln + "\n" for ln in keep), encoding="utf-8")
 
 
 # ------------------------------------------------------------------------------ optimizer
@@ -295,7 +317,8 @@ class Checkpointer:
                 full = to_logical(chunk, mine)  # collective over TP
                 if self.writer:
                     sd.update({f"{key}/{n}": t.cpu() for n, t in full.items()})
-        dcp.save(sd, checkpoint_id=str(tmp), no_dist=not dist.is_initialized())
+        with _quiet_single_process():
+            dcp.save(sd, checkpoint_id=str(tmp), no_dist=not dist.is_initialized())
         torch.save(_rng_state(), tmp / "rng" / f"rank_{self.grid.rank:05d}.pt")
         if self.grid.rank == 0:
             ts = {"step": step, "sampler": self.sampler.state_dict(), "optimizer": extra,
@@ -352,7 +375,8 @@ class Checkpointer:
         shapes = {n: s for c in self.chunks for n, s in logical_shapes(c).items()}
         sd = {f"{k}/{n}": torch.empty(s, dtype=torch.float32) for k in KEYS
               for n, s in shapes.items()}
-        dcp.load(sd, checkpoint_id=str(path), no_dist=not dist.is_initialized())
+        with _quiet_single_process():
+            dcp.load(sd, checkpoint_id=str(path), no_dist=not dist.is_initialized())
         dev = next(self.stage.parameters()).device
         state: dict[str, dict[str, torch.Tensor]] = {k: {} for k in KEYS}
         for k in KEYS:
@@ -369,6 +393,7 @@ class Checkpointer:
         if same and rng.is_file():
             _set_rng_state(torch.load(rng, weights_only=False))
         if self.grid.rank == 0:
+            _trim_metrics(Path(self.cfg.run.out), int(ts["step"]))
             old = manifest["layout"]
             how = "same layout" if same else (f"resharded from dp={old['dp']} tp={old['tp']} "
                                               f"pp={old['pp']}")
