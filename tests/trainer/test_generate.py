@@ -88,3 +88,8 @@ def test_generate_cli(tmp_path, capsys):
     assert capsys.readouterr().out.startswith("def ")
     assert generate_main(["--checkpoint", str(tmp_path / "nope"), "--prompt", "x"]) == 2
     assert "does not exist" in capsys.readouterr().err
+    assert generate_main(["--checkpoint", str(out), "--prompt", "x", "--top-k", "-1"]) == 2
+    assert "--top-k must be >= 0" in capsys.readouterr().err
+    assert generate_main(["--checkpoint", str(out), "--prompt", "x",
+                          "--max-new-tokens", "-3"]) == 2
+    assert "--max-new-tokens must be >= 0, got -3" in capsys.readouterr().err

@@ -183,6 +183,7 @@ def generate_parser() -> argparse.ArgumentParser:
     ap.add_argument("--top-k", type=int, default=20, help="0: the whole vocabulary")
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--tokenizer", default=None, help="tokenizer.json (default: the run's)")
+    ap.add_argument("--device", default="cpu", help="cpu or cuda")
     return ap
 
 
@@ -193,13 +194,15 @@ def run_generate(argv: list[str] | None = None) -> str:
     a = generate_parser().parse_args(argv)
     if a.max_new_tokens < 0:
         raise ValueError(f"--max-new-tokens must be >= 0, got {a.max_new_tokens}")
-    model, cfg, run = load_model(a.checkpoint)
+    if a.top_k < 0:
+        raise ValueError(f"--top-k must be >= 0 (0: the whole vocabulary), got {a.top_k}")
+    model, cfg, run = load_model(a.checkpoint, device=a.device)
     tok_file = Path(a.tokenizer or cfg.data.tokenizer or run / "tokenizer.json")
     if not tok_file.is_file():
         raise FileNotFoundError(f"no tokenizer at {tok_file} (pass --tokenizer FILE)")
     tok = Tokenizer.from_file(str(tok_file))
     ids = tok.encode(a.prompt).ids or [0]
-    g = torch.Generator().manual_seed(a.seed)
-    out = generate(model, torch.tensor([ids]), a.max_new_tokens, temperature=a.temperature,
+    g = torch.Generator(device=a.device).manual_seed(a.seed)
+    out = generate(model, torch.tensor([ids], device=a.device), a.max_new_tokens, temperature=a.temperature,
                    top_k=a.top_k, generator=g)
-    return tok.decode(out[0].tolist())
+    return tok.decode(out[0].cpu().tolist())
