@@ -1,0 +1,124 @@
+"""Command-line entry points: `haillm-train` (and the later `haillm-generate`, `haillm-plan`)."""
+
+from __future__ import annotations
+
+import argparse
+import sys
+from pathlib import Path
+
+from haillm.trainer.config import PRESETS, Config, ConfigError, load_config
+
+__all__ = ["build_config", "generate_main", "plan_main", "train_main", "train_parser"]
+
+
+def train_parser() -> argparse.ArgumentParser:
+    ap = argparse.ArgumentParser(
+        prog="haillm-train",
+        description="Train a DeepSeek-LLM-architecture model with DP (ZeRO-1) x TP (+SP) x PP.",
+        epilog="example: haillm-train --preset tiny --nproc 8 --dp 2 --tp 2 --pp 2",
+    )
+    ap.add_argument("--config", metavar="FILE.toml", help="TOML file (same sections as "
+                    "<out>/config.toml)")
+    ap.add_argument("--preset", default=None, help=f"named preset: {', '.join(PRESETS)} "
+                    "(default: tiny unless --config is given)")
+    ap.add_argument("--set", dest="overrides", action="append", default=[],
+                    metavar="SECTION.KEY=VALUE", help="override any config key (repeatable)")
+    ap.add_argument("--dp", type=int, help="data-parallel degree (ZeRO-1 over it)")
+    ap.add_argument("--tp", type=int, help="tensor-parallel degree (with sequence parallel)")
+    ap.add_argument("--pp", type=int, help="pipeline-parallel degree")
+    ap.add_argument("--microbatches", type=int, help="micro-batches per step and DP rank")
+    ap.add_argument("--steps", type=int, help="optimizer steps")
+    ap.add_argument("--precision", choices=["bf16", "fp16", "fp32"])
+    ap.add_argument("--device", choices=["cpu", "cuda"])
+    ap.add_argument("--nproc", type=int, help="start this many local ranks (torch's elastic "
+                    "launcher); default: 1, or the environment under torchrun")
+    ap.add_argument("--out", help="run folder (config.toml, metrics.jsonl, tokenizer, weights)")
+    ap.add_argument("--save-every", type=int, help="checkpoint every N steps")
+    ap.add_argument("--exit-after", type=int, help="stop cleanly after step N")
+    ap.add_argument("--resume", action="store_true", help="continue from the newest checkpoint")
+    return ap
+
+
+def build_config(args: argparse.Namespace) -> Config:
+    """The resolved config: preset, TOML file, --set, then the dedicated flags."""
+    preset = args.preset or (None if args.config else "tiny")
+    cfg = load_config(preset, args.config, args.overrides)
+    for flag, (section, key) in {
+        "dp": ("parallel", "dp"), "tp": ("parallel", "tp"), "pp": ("parallel", "pp"),
+        "microbatches": ("parallel", "microbatches"), "steps": ("train", "steps"),
+        "precision": ("train", "precision"), "device": ("run", "device"), "out": ("run", "out"),
+        "save_every": ("run", "save_every"), "exit_after": ("run", "exit_after"),
+    }.items():
+        v = getattr(args, flag)
+        if v is not None:
+            setattr(getattr(cfg, section), key, v)
+    if args.resume:
+        cfg.run.resume = True
+    p = cfg.parallel
+    if args.nproc is not None and args.nproc < 1:
+        raise ConfigError(f"--nproc must be >= 1, got {args.nproc}")
+    if args.nproc and args.dp is None and p.dp * p.tp * p.pp != args.nproc:
+        if args.nproc % (p.tp * p.pp):
+            raise ConfigError(f"--nproc {args.nproc} is not divisible by tp*pp = {p.tp}*{p.pp}")
+        p.dp = args.nproc // (p.tp * p.pp)  # the remaining ranks go to data parallelism
+    return cfg
+
+
+def _fail(msg: str) -> int:
+    print(f"haillm-train: error: {msg}", file=sys.stderr)
+    return 2
+
+
+def train_main(argv: list[str] | None = None) -> int:
+    """`haillm-train`: see `--help`."""
+    from haillm.trainer.launch import init_from_env, launch_local, under_torchrun
+
+    args = train_parser().parse_args(argv)
+    try:
+        cfg = build_config(args)
+        if under_torchrun():
+            import os
+
+            cfg.validate(int(os.environ["WORLD_SIZE"]))
+            init_from_env(cfg.run.device)
+            from haillm.trainer.train import train
+
+            train(cfg)
+            return 0
+        nproc = args.nproc or 1
+        cfg.validate(nproc)
+        if cfg.run.resume:
+            raise NotImplementedError("--resume: checkpoints are not implemented yet (issue 10)")
+        # tokenise once here, so that the ranks only read the cache (and a bad corpus path
+        # fails before any rank starts)
+        from haillm.trainer.data import build_dataset
+
+        build_dataset(cfg.data, cfg.model.vocab_size, cfg.model.seq_len, Path(cfg.run.out))
+        if nproc == 1:
+            from haillm.trainer.train import train
+
+            train(cfg)
+        else:
+            launch_local(cfg, nproc)
+    except (ConfigError, NotImplementedError) as e:
+        return _fail(str(e))
+    return 0
+
+
+def generate_main(argv: list[str] | None = None) -> int:
+    """`haillm-generate`: not implemented yet (issue 10)."""
+    print("haillm-generate: not implemented yet (checkpoints and generation land with issue 10); "
+          "haillm-train prints a sample at the end of a run and saves <out>/model.safetensors",
+          file=sys.stderr)
+    return 2
+
+
+def plan_main(argv: list[str] | None = None) -> int:
+    """`haillm-plan`: not implemented yet (issue 10)."""
+    print("haillm-plan: not implemented yet (the memory planner lands with issue 10)",
+          file=sys.stderr)
+    return 2
+
+
+if __name__ == "__main__":  # pragma: no cover
+    sys.exit(train_main())

@@ -1,0 +1,253 @@
+"""The training loop of one rank: everything composed.
+
+    grid (dp x tp x pp) -> data (sampler sharded over DP) -> model stage (TP/SP shards of the
+    seeded reference model) -> per step: pipeline schedule over M micro-batches with fp32 grad
+    accumulation -> ZeRO-1 reduce-scatter started in the last backward -> clipped AdamW on the
+    shard -> all-gather -> metrics. At the end: validation, a generated sample, the weights.
+
+`train(cfg)` runs in every rank (after `torch.distributed` is initialised, or in a single
+process); `haillm.trainer.launch` starts the ranks.
+"""
+
+from __future__ import annotations
+
+import math
+import os
+import time
+from pathlib import Path
+
+import torch
+import torch.distributed as dist
+
+from haillm.trainer.config import Config, ConfigError, dump_toml
+from haillm.trainer.data import Sampler, build_dataset
+from haillm.trainer.grid import Grid
+from haillm.trainer.metrics import MetricsLogger, device_peak_flops, flops_per_token
+from haillm.trainer.model import StageModel, gather_full_state, split_layers
+from haillm.trainer.ops import Ops
+from haillm.trainer.optim import LossScaler, ShardedOptimizer, lr_at, make_optimizer
+from haillm.trainer.pipeline_exec import (
+    PackageStep,
+    StepTimes,
+    make_schedule,
+    package_executor_available,
+    run_step,
+)
+from haillm.trainer.reference import DeepSeekLM
+
+__all__ = ["DTYPES", "evaluate", "train"]
+
+DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}
+
+
+def _world_sum(x: float, grid: Grid) -> float:
+    if grid.world == 1:
+        return x
+    # NCCL reduces only CUDA tensors; gloo takes CPU ones
+    dev = torch.device("cuda", torch.cuda.current_device()) if (
+        dist.get_backend() == "nccl") else torch.device("cpu")
+    t = torch.tensor([x], dtype=torch.float64, device=dev)
+    dist.all_reduce(t)
+    return t.item()
+
+
+@torch.no_grad()
+def evaluate(chunks: list[StageModel], ds, grid: Grid, cfg: Config, *, act_shape,
+             dtype) -> float:
+    """Mean loss over `eval_batches` global batches of held-out windows (forward only).
+
+    Walks the virtual stages in order (chunk c of stage s is virtual stage c*pp + s), so it
+    also evaluates an interleaved model.
+    """
+    mbs = cfg.micro_batch_size
+    idx = ds.val_indices(cfg.train.eval_batches * cfg.train.global_batch)
+    per_rank = len(idx) // grid.dp
+    mine = idx[grid.dp_rank * per_rank:(grid.dp_rank + 1) * per_rank]
+    total, n, sends = 0.0, 0, []
+    for j in range(0, len(mine), mbs):
+        x, y = ds.val_batch(mine[j:j + mbs])
+        dev = next(chunks[0].parameters()).device
+        x, y = x.to(dev), y.to(dev)
+        for chunk in chunks:
+            h = x if chunk.first else _recv(act_shape, dtype, dev, grid.stage_peer(-1)
+                                            if not grid.is_first_stage else
+                                            grid.stage_peer(grid.pp - 1))
+            out = chunk(h, y if chunk.last else None)
+            if chunk.last:
+                total += out.float().item()
+                n += 1
+            else:
+                dst = grid.stage_peer(+1) if not grid.is_last_stage else grid.stage_peer(1 - grid.pp)
+                out = out.contiguous()
+                sends.append((dist.isend(out, dst=dst), out))
+    for w, _ in sends:
+        w.wait()
+    mine_loss = total / max(n, 1) if (grid.is_last_stage and grid.tp_rank == 0) else 0.0
+    return _world_sum(mine_loss, grid) / grid.dp
+
+
+def _recv(shape, dtype, device, src):
+    buf = torch.empty(shape, dtype=dtype, device=device)
+    dist.recv(buf, src=src)
+    return buf
+
+
+def _gather_model(chunks: list[StageModel], grid: Grid, cfg: Config) -> DeepSeekLM | None:
+    """The full fp32 reference model on global rank 0 (None elsewhere). Collective."""
+    part = {k: v for c in chunks for k, v in gather_full_state(c).items()}
+    if grid.world > 1:
+        keep = part if (grid.dp_rank == 0 and grid.tp_rank == 0) else None
+        parts = [None] * grid.world if grid.rank == 0 else None
+        dist.gather_object(keep, parts, dst=0)
+        if grid.rank != 0:
+            return None
+        part = {k: v for p in parts if p for k, v in p.items()}
+    model = DeepSeekLM(cfg.model)
+    model.load_state_dict(part)
+    return model.eval()
+
+
+def train(cfg: Config, *, stream=None) -> dict:
+    """Run the configured training on this rank; returns a summary (losses on rank 0)."""
+    world = dist.get_world_size() if dist.is_initialized() else 1
+    cfg.validate(world)
+    p, t, m = cfg.parallel, cfg.train, cfg.model
+    grid = Grid.build(p.dp, p.tp, p.pp)
+    out = Path(cfg.run.out)
+    is_rank0 = grid.rank == 0
+    if cfg.run.resume:
+        raise NotImplementedError("--resume: checkpoints are not implemented yet (issue 10)")
+    if is_rank0:
+        out.mkdir(parents=True, exist_ok=True)
+        (out / "config.toml").write_text(dump_toml(cfg), encoding="utf-8")
+    device = torch.device(cfg.run.device)
+    if device.type == "cuda":
+        torch.cuda.set_device(int(os.environ.get("LOCAL_RANK", 0)))
+        device = torch.device("cuda", torch.cuda.current_device())
+
+    # ---- data: rank 0 tokenises (or finds the cache), the others read its cache
+    if is_rank0:
+        ds, tok = build_dataset(cfg.data, m.vocab_size, m.seq_len, out)
+    if grid.world > 1:
+        dist.barrier()
+    if not is_rank0:
+        ds, tok = build_dataset(cfg.data, m.vocab_size, m.seq_len, out, is_writer=False)
+
+    # ---- model: every rank builds the same seeded reference, keeps its shards
+    dtype = DTYPES[t.precision]
+    ops = Ops(p, warn=is_rank0)
+    ref = DeepSeekLM(m, seed=t.seed)
+    use_pkg_pipe = p.pipeline_impl == "package" or (
+        p.pipeline_impl == "auto" and package_executor_available())
+    if p.pipeline_schedule == "interleaved" and not use_pkg_pipe:
+        raise ConfigError("the interleaved schedule needs haillm.pipeline.PipelineExecutor "
+                          "(parallel.pipeline_impl=package)")
+    v = p.chunks if p.pipeline_schedule == "interleaved" else 1
+    # virtual stage c*pp + s is chunk c of stage s (Megatron's interleaving)
+    split = split_layers(m.n_layers, p.pp * v)
+    chunks = [StageModel(ref, split[c * p.pp + grid.pp_rank], grid, ops,
+                         first=(c == 0 and grid.is_first_stage),
+                         last=(c == v - 1 and grid.is_last_stage),
+                         sequence_parallel=p.sequence_parallel, dtype=dtype, device=device)
+              for c in range(v)]
+    stage = chunks[0] if v == 1 else torch.nn.ModuleList(chunks)
+    del ref
+    opt, opt_src = make_optimizer(stage, t, grid, zero=p.zero, overlap=p.overlap_grad_reduce,
+                                  sequence_parallel=p.sequence_parallel, impl=p.zero_impl)
+    own_scaler = isinstance(opt, ShardedOptimizer) and t.precision == "fp16"
+    scaler = LossScaler() if own_scaler else None
+    mbs = cfg.micro_batch_size
+    s_local = m.seq_len // p.tp if (p.sequence_parallel and p.tp > 1) else m.seq_len
+    act_shape = (mbs, s_local, m.hidden_size)  # the residual stream between stages
+    if use_pkg_pipe:
+        pkg_step = PackageStep(chunks, grid, schedule=p.pipeline_schedule, act_shape=act_shape,
+                               dtype=dtype, device=device,
+                               on_last_backward=opt.start_last_microbatch)
+        actions, sched_src = None, (f"haillm.pipeline.PipelineExecutor ({p.pipeline_schedule}"
+                                    f"{f', {v} chunks per stage' if v > 1 else ''})")
+    else:
+        actions, sched_src = make_schedule(p.pipeline_schedule, p.pp, p.microbatches,
+                                           grid.pp_rank)
+        sched_src = "trainer executor, schedule: " + sched_src
+    sampler = Sampler(ds.n_train, t.global_batch, t.seed)
+
+    tokens_per_step = t.global_batch * m.seq_len
+    flops_step = flops_per_token(m) * tokens_per_step
+    peak, peak_src = device_peak_flops(device.type, t.precision, grid.world)
+    log = MetricsLogger(out, t.steps, enabled=is_rank0, tensorboard=cfg.run.tensorboard,
+                        log_every=cfg.run.log_every, stream=stream)
+    if is_rank0:
+        say = (lambda s: print(s, file=stream, flush=True))
+        say(f"haillm-train: {m.n_params() / 1e6:.2f}M params | layout dp={p.dp} tp={p.tp} "
+            f"pp={p.pp} (world {grid.world}) | {p.microbatches} micro-batches of {mbs} x "
+            f"{m.seq_len} tokens | {t.precision} | {ds.n_train} train / {ds.n_val} val windows")
+        wiring = {"rank grid": grid.source, **ops.wiring, "pipeline schedule": sched_src,
+                  "sequence parallel": "on" if (p.sequence_parallel and p.tp > 1) else "off",
+                  "optimizer": opt_src,
+                  "MFU peak": peak_src}
+        for k, v in wiring.items():
+            say(f"  {k:>28}: {v}")
+
+    losses: list[float] = []
+    val_losses: list[tuple[int, float]] = []
+    last = t.steps if not cfg.run.exit_after else min(cfg.run.exit_after, t.steps)
+    for step in range(last):
+        t0 = time.perf_counter()
+        opt.comm_time = 0.0
+        times = StepTimes()
+        idx = sampler.next_global()
+        micro = Sampler.shard(idx, p.dp, grid.dp_rank, p.microbatches)
+        batches = [ds.batch(mb) for mb in micro]
+        xs = [b[0].to(device) for b in batches]
+        ys = [b[1].to(device) for b in batches]
+        lr = lr_at(step, t)
+        scale = scaler.scale if scaler else getattr(opt, "loss_scale", 1.0)
+        if use_pkg_pipe:
+            loss_sum = pkg_step(xs, ys, loss_scale=scale, times=times)
+        else:
+            loss_sum = run_step(stage, actions, xs, ys, grid, act_shape=act_shape,
+                                act_dtype=dtype, loss_scale=scale,
+                                on_last_backward=opt.start_last_microbatch, times=times)
+        gnorm, found_inf = opt.step(lr, inv_scale=1.0 / scale)
+        if scaler:
+            scaler.update(found_inf)
+        mine = loss_sum.item() if (grid.is_last_stage and grid.tp_rank == 0) else 0.0
+        loss = _world_sum(mine, grid) / p.dp
+        if not math.isfinite(loss) and t.precision != "fp16":
+            raise FloatingPointError(f"non-finite loss {loss} at step {step + 1}")
+        dt = time.perf_counter() - t0
+        rec = {"step": step + 1, "loss": loss, "lr": lr, "grad_norm": gnorm,
+               "tokens_per_s": tokens_per_step / dt, "mfu": flops_step / dt / peak,
+               "step_time_s": dt, "comm_s": opt.comm_time + times.p2p,
+               "compute_s": times.compute,
+               "comm_fraction": (opt.comm_time + times.p2p) / dt, "skipped": bool(found_inf)}
+        if t.precision == "fp16":
+            rec["loss_scale"] = scaler.scale if scaler else opt.loss_scale
+        if t.eval_every and ((step + 1) % t.eval_every == 0 or step + 1 == t.steps):
+            v = evaluate(chunks, ds, grid, cfg, act_shape=act_shape, dtype=dtype)
+            rec["val_loss"] = v
+            val_losses.append((step + 1, v))
+        losses.append(loss)
+        log.log(rec)
+    log.close()
+
+    summary = {"losses": losses, "val_losses": val_losses, "sample": None,
+               "state_bytes": opt.state_bytes()}
+    model = _gather_model(chunks, grid, cfg)  # collective: every rank takes part
+    if is_rank0 and model is not None:
+        try:
+            from safetensors.torch import save_file
+
+            save_file({k: v.contiguous() for k, v in model.state_dict().items()},
+                      str(out / "model.safetensors"))
+        except ImportError:  # pragma: no cover
+            torch.save(model.state_dict(), out / "model.pt")
+        if cfg.run.sample_tokens and tok is not None:
+            prompt = tok.encode(cfg.run.sample_prompt).ids or [0]
+            g = torch.Generator().manual_seed(t.seed)
+            ids = model.generate(torch.tensor([prompt]), cfg.run.sample_tokens, generator=g)
+            text = tok.decode(ids[0].tolist())
+            summary["sample"] = text
+            print("---- sample " + "-" * 60 + "\n" + text + "\n" + "-" * 72,
+                  file=stream, flush=True)
+    return summary
