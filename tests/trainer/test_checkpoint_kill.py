@@ -53,3 +53,19 @@ def test_killed_rank_stops_run_and_resume_continues(tmp_path):
     both = res.stdout + res.stderr
     assert f"resumed from {newest} at step {step} (resharded from dp=2" in both
     assert verify_checkpoint(checkpoints(out / "checkpoints")[-1])["step"] == step + 2
+
+
+def test_rank_failure_message_names_rank_cause_and_checkpoint(tmp_path):
+    from types import SimpleNamespace
+
+    from haillm.trainer.cli import _rank_failure_message
+
+    err = SimpleNamespace(failures={
+        1: SimpleNamespace(exitcode=-9, pid=11, error_file_data={}, message=""),
+        0: SimpleNamespace(exitcode=1, pid=10, message="",
+                           error_file_data={"message": {"message": "FloatingPointError: "
+                                                        "non-finite loss nan at step 7"}})})
+    msg = _rank_failure_message(err, tmp_path)
+    assert msg.startswith("rank 0 (pid 10) exited with code 1 (FloatingPointError: non-finite "
+                          "loss nan at step 7); rank 1 (pid 11) was killed by signal SIGKILL")
+    assert "no complete checkpoint to resume from" in msg

@@ -123,12 +123,15 @@ def _rank_failure_message(err, out: Path) -> str:
                 how = f"was killed by signal {-code}"
         else:
             how = f"exited with code {code}"
-            msg = getattr(f, "message", "") or ""
-            if isinstance(msg, dict):
-                msg = msg.get("message", {}).get("message", "") if msg else ""
-            last = str(msg).strip().splitlines()[-1:] if msg else []
-            if last:
-                how += f" ({last[0]})"
+            msg = (getattr(f, "error_file_data", None) or {}).get("message") or \
+                getattr(f, "message", "")
+            if isinstance(msg, dict):  # the rank's recorded exception: {"message": "Type: text"}
+                msg = msg.get("message", "")
+            msg = str(msg or "").strip()
+            if msg and "To enable traceback" not in msg:
+                how += f" ({msg.splitlines()[-1]})"
+            else:
+                how += " (its traceback is printed above)"
         parts.append(f"rank {rank} (pid {getattr(f, 'pid', '?')}) {how}")
     found = latest_checkpoint(out / "checkpoints")
     nxt = (f"continue from {found[0]} (step {found[1]['step']}) with --resume" if found else
