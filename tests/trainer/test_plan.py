@@ -22,18 +22,18 @@ from tests.helpers import run_distributed
 B = 2
 
 
-def _cfg(n_layers=3):
+def _cfg(n_layers=3, attention="reference"):
     return load_config("micro", overrides=[
-        f"model.n_layers={n_layers}", "parallel.attention=reference",
+        f"model.n_layers={n_layers}", f"parallel.attention={attention}",
         "parallel.fused_swiglu=false", "train.precision=fp32", "model.seq_len=32"])
 
 
-def _measure(dp, tp, pp, sp):
+def _measure(dp, tp, pp, sp, attention="reference"):
     """On every rank: (measured states, planned states, measured acts, planned acts)."""
     import torch.distributed as dist
 
     torch.set_num_threads(1)
-    cfg = _cfg()
+    cfg = _cfg(attention=attention)
     m = cfg.model
     grid = Grid.build(dp, tp, pp)
     ops = Ops(cfg.parallel, warn=False)
@@ -45,7 +45,8 @@ def _measure(dp, tp, pp, sp):
                 "grads": sum(b.grad_buf.nbytes for b in opt.buckets),
                 "optimizer": opt.state_bytes()}
     lay = Layout(dp=dp, tp=tp, pp=pp, micro_batch_size=B, precision="fp32",
-                 sequence_parallel=sp, attention="plain", fused_swiglu=False)
+                 sequence_parallel=sp, attention="plain" if attention == "reference" else "flash",
+                 fused_swiglu=False)
     planned = state_bytes(m, lay, grid.pp_rank)
     params = {p.untyped_storage().data_ptr() for p in st.parameters()}
     seen: dict[int, int] = {}
@@ -77,8 +78,10 @@ def _check(res, what):
     assert act_plan == pytest.approx(acts, rel=0.15), f"{what}: activations"
 
 
-def test_plan_matches_single_process_tensors():
-    _check(_measure(1, 1, 1, False), "(1,1,1)")
+@pytest.mark.parametrize("attention", ["reference", "tiled"])
+def test_plan_matches_single_process_tensors(attention):
+    """`reference` attention saves the probabilities; `tiled` (flash) only O and the LSE."""
+    _check(_measure(1, 1, 1, False, attention), f"(1,1,1) {attention}")
 
 
 def _layouts():

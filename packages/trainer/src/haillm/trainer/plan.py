@@ -17,9 +17,11 @@ micro-batch size, h hidden, f FFN width, a heads, t = TP degree, p = bytes per a
     norms (x2):      (3 s b h p + 4 s b) / (t if SP else 1)     input, saved copy, rstd
     linear inputs:   2 s b h p                                  QKV and gate-up read the
                                                                 gathered (B, S, d) input
-    attention:       3 s b h p / t  (q, k, v after GQA expand) + s b h p / t (Wo input)
-                     + flash: s b h p / t + 4 a s b / t  (output + logsumexp)
-                     + plain: 4 a s^2 b / t + s^2  (fp32 probabilities + causal mask)
+    attention flash: (2 s b h + 2 s b k) p / t + 4 a s b / t   q, O (= the Wo input), k and
+                                                                v at the KV width k, logsumexp
+    attention plain: 4 s b h p / t + 4 a s^2 b / t + s^2       q, k, v expanded to all heads,
+                                                                Wo input, fp32 probabilities,
+                                                                the causal mask
     SwiGLU MLP:      plain: 4 s b f p / t (gate|up, silu, product); fused: 2 s b f p / t
 
 The paper's GPT (with dropout, GELU, materialised attention) gives s b h (34 + 5 a s / h)
@@ -116,11 +118,11 @@ def activation_bytes(m: ModelConfig, lay: Layout, n_layers: int, *, first: bool 
     norm_div = t if (lay.sequence_parallel and t > 1) else 1
     per_layer = 2 * (3 * sbh * p + 4 * s * b) / norm_div  # two RMSNorms
     per_layer += 2 * sbh * p  # QKV and gate-up inputs (gathered under SP)
-    per_layer += 4 * sbh * p / t  # q, k, v (GQA-expanded) and the Wo input
-    if lay.attention == "flash":
-        per_layer += sbh * p / t + 4 * a * s * b / t
-    else:
-        per_layer += 4 * a * s * s * b / t + s * s
+    kv = m.n_kv_heads * m.head_dim
+    if lay.attention == "flash":  # q, k and v at their own (GQA) widths, O (= the Wo input), LSE
+        per_layer += (2 * sbh + 2 * s * b * kv) * p / t + 4 * a * s * b / t
+    else:  # q, k, v expanded to all heads, the Wo input, fp32 probabilities and the mask
+        per_layer += 4 * sbh * p / t + 4 * a * s * s * b / t + s * s
     per_layer += (2 if lay.fused_swiglu else 4) * s * b * f * p / t
     total = n_layers * per_layer
     if first:
