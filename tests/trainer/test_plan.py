@@ -86,8 +86,10 @@ def test_plan_matches_single_process_tensors(attention):
 
 def _layouts():
     out = []
-    for dp, tp, pp, sp in ((2, 1, 1, False), (1, 2, 1, True), (1, 2, 1, False), (1, 1, 2, False)):
-        out.append(((dp, tp, pp, sp), _measure(dp, tp, pp, sp)))
+    for dp, tp, pp, sp, attn in ((2, 1, 1, False, "reference"), (1, 2, 1, True, "reference"),
+                                 (1, 2, 1, False, "reference"), (1, 1, 2, False, "reference"),
+                                 (1, 2, 1, True, "tiled")):
+        out.append(((dp, tp, pp, sp, attn), _measure(dp, tp, pp, sp, attn)))
     return out
 
 
