@@ -10,7 +10,11 @@ Per decoder block, under tensor parallelism (Megatron) with sequence parallelism
     --> Wo_r (row-parallel) --> reduce-scatter along the sequence --> (B, S/tp, d)
     same for the MLP: gather_seq --> linear_swiglu([Wg|Wu]_r) --> Wdown_r --> reduce-scatter.
 
-Without SP the gather/reduce-scatter pair becomes Megatron's f/g (identity and all-reduce).
+The projections are `haillm.parallel`'s Column/RowParallelLinear (which run the SP collectives
+themselves, overlapped with the GEMMs); the regions around the fused SwiGLU GEMM, the
+embedding and the head are `haillm.parallel`'s mappings. Without SP the gather/reduce-scatter
+pair becomes Megatron's f/g (identity and all-reduce); at tp = 1 everything is the identity
+and the weights are plain parameters.
 The stage's first/last roles: the embedding (vocab-parallel) on the first stage, the final
 norm, the head (vocab-parallel) and the loss on the last. Between stages only the residual
 stream travels: (B, S/tp, d) under SP, (B, S, d) otherwise.
