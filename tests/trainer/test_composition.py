@@ -21,6 +21,20 @@ from haillm.trainer.data import PackedDataset, Sampler
 from tests.helpers import run_distributed
 
 STEPS = 3
+OFF = {"fused_norm": False, "fused_swiglu": False, "fused_cross_entropy": False,
+       "attention": "reference", "tp_comm_overlap": False}
+
+
+def test_switched_off_features_use_the_packages_reference_paths():
+    from haillm.trainer import ParallelConfig
+    from haillm.trainer.ops import Ops
+
+    on, off = Ops(ParallelConfig()).wiring, Ops(ParallelConfig(**OFF)).wiring
+    assert on["rms_norm"].startswith("haillm.fusedops.rms_norm ")
+    assert off["rms_norm"].startswith("haillm.fusedops.rms_norm_reference")
+    assert "impl=reference" in off["swiglu"] and "impl=reference" in off["attention"]
+    assert off["cross_entropy"] == "haillm.fusedops.cross_entropy_reference"
+    assert all(v.startswith("haillm.") for v in (*on.values(), *off.values()))
 
 
 def _cfg_dict(corpus: str, out: str, dp=1, tp=1, pp=1, sp=True) -> dict:
@@ -103,6 +117,10 @@ def test_layouts_match_plain_pytorch(corpus, tmp_path):
     single = apply_dict(Config(), _cfg_dict(corpus, str(tmp_path / "111")), source="test")
     # one process, no torch.distributed
     got = {"(1,1,1)": _losses_and_norms(train(single), str(tmp_path / "111"))}
+    off = _cfg_dict(corpus, str(tmp_path / "111-off"))
+    off["parallel"].update(OFF)
+    got["(1,1,1) fused ops off"] = _losses_and_norms(train(apply_dict(Config(), off, source="t")),
+                                                      str(tmp_path / "111-off"))
     # every layout composes the packages: haillm.parallel (grid, TP/SP layers and regions),
     # haillm.pipeline (executor and schedules), haillm.zero (ZeRO-1, or unsharded when off)
     runs = {2: {"(2,1,1) ZeRO-1": (2, 1, 1, False, {}),
@@ -113,6 +131,8 @@ def test_layouts_match_plain_pytorch(corpus, tmp_path):
                 "(1,1,2) interleaved, 2 chunks": (1, 1, 2, False, {"pipeline_schedule":
                                                                    "interleaved", "chunks": 2})},
             8: {"(2,2,2) TP+SP, 1F1B, ZeRO-1": (2, 2, 2, True, {})}}
+    # each fused feature switched off: the packages' own reference paths, still the same run
+    runs[2]["(1,2,1) TP+SP, fused ops off"] = (1, 2, 1, True, OFF)
     for world, named in runs.items():
         cfgs = []
         for i, (dp, tp, pp, sp, extra) in enumerate(named.values()):

@@ -143,6 +143,9 @@ def train(cfg: Config, *, stream=None) -> dict:
     del ref
     opt, opt_src = make_optimizer(stage, t, grid, zero=p.zero, overlap=p.overlap_grad_reduce,
                                   sequence_parallel=p.sequence_parallel)
+    # fp16 loss scaling is Zero1AdamW's own DynamicLossScaler (opt.loss_scale); the trainer's
+    # LossScaler is gone. `scaler` stays defined for feat/ckpt's Checkpointer(..., scaler).
+    scaler = None  # noqa: F841
     mbs = cfg.micro_batch_size
     s_local = m.seq_len // p.tp if (p.sequence_parallel and p.tp > 1) else m.seq_len
     act_shape = (mbs, s_local, m.hidden_size)  # the residual stream between stages
