@@ -28,6 +28,12 @@ for s in "${scripts[@]}"; do
   echo "=== gpu_$s.py took $(( $(date +%s) - start ))s; last lines: ==="
   tail -n 40 "$out/log_$s.txt"
 done
+# The remaining GPU-marked tests (packages without a benchmark script of their own).
+echo "=== pytest -m gpu tests/zero tests/parallel tests/pipeline tests/trainer tests/test_harness.py ==="
+timeout "${LIMIT_rest:-180}" python -m pytest -q -m gpu -p no:cacheprovider -o addopts= \
+  tests/zero tests/parallel tests/pipeline tests/trainer tests/test_harness.py \
+  > "$out/log_rest.txt" 2>&1 || { echo "remaining GPU tests: exit $?"; status=1; }
+tail -n 15 "$out/log_rest.txt"
 for page in flashattn fusedops fusedops-gemm; do
   [ -f "docs/benchmarks/$page.md" ] && cp "docs/benchmarks/$page.md" "$out/$page.md"
 done
