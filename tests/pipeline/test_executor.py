@@ -261,3 +261,48 @@ def test_from_parallel_dims():
         assert len(pairs) == 4
         for what, actual, expected in pairs:
             assert_close(actual, expected, msg=what)
+
+
+class ColumnMajorBlock(nn.Module):
+    """Returns a non-contiguous view (column-major strides), as a transposed collective does."""
+
+    def __init__(self, d: int) -> None:
+        super().__init__()
+        self.lin = nn.Linear(d, d)
+
+    def forward(self, x):
+        h = torch.tanh(self.lin(x)) + 0.5 * x  # (mb, d)
+        return h.t().contiguous().t()  # same values, strides (1, mb): not contiguous
+
+
+def _non_contiguous_case():
+    p, s, m, mb = dist.get_world_size(), dist.get_rank(), 3, 2
+    torch.manual_seed(7)
+    ref = nn.ModuleList(ColumnMajorBlock(HIDDEN) for _ in range(p)).double()
+    mine = nn.ModuleList(ColumnMajorBlock(HIDDEN) for _ in range(p)).double()
+    mine.load_state_dict(ref.state_dict())
+    g = torch.Generator().manual_seed(8)
+    x = torch.randn(m * mb, HIDDEN, generator=g, dtype=torch.float64)
+    y = torch.randn(m * mb, HIDDEN, generator=g, dtype=torch.float64)
+    assert not mine[s](x[:mb]).is_contiguous()  # the case under test
+    _loss(_run_layers(ref, x), y).backward()
+    out = []
+    for schedule in ("1f1b", "gpipe"):
+        mine.zero_grad()
+        ex = PipelineExecutor(mine[s], loss_fn=_loss, tensor_shapes=(mb, HIDDEN),
+                              dtype=torch.float64, schedule=schedule)
+        ex.run(list(x.chunk(m)) if s == 0 else None, list(y.chunk(m)) if s == p - 1 else None,
+               num_microbatches=m)
+        out += [(f"{schedule} stage {s} {n}", a.grad.clone(), b.grad)
+                for (n, a), b in zip(mine[s].named_parameters(), ref[s].parameters())]
+    return out
+
+
+def test_non_contiguous_stage_output_is_sent():
+    """Regression: a stage returning a non-contiguous view used to fail in P2P with
+    "input tensor has to be contiguous"; the executor now sends a dense copy."""
+    out = run_distributed(_non_contiguous_case, 2, timeout=120, start_method="fork")
+    for pairs in out:
+        assert len(pairs) == 4
+        for what, actual, expected in pairs:
+            assert_close(actual, expected, msg=what)

@@ -144,16 +144,15 @@ def test_nonfinite_grads_stop_without_loss_scaler(corpus, tmp_path):
 
 
 def test_fp16_overflow_skips_step_and_logs(corpus, tmp_path, monkeypatch):
-    tr = sys.modules["haillm.trainer.train"]  # the package exports a function of that name
+    zopt = sys.modules["haillm.zero.optimizer"]
 
-    class HugeScaler(tr.LossScaler):  # scale so large that the fp16 backward overflows
+    class HugeScaler(zopt.DynamicLossScaler):  # a scale so large that the fp16 backward overflows
         def __init__(self):
             super().__init__(init_scale=2.0**40)
 
-    monkeypatch.setattr(tr, "LossScaler", HugeScaler)
+    monkeypatch.setattr(zopt, "DynamicLossScaler", HugeScaler)
     log = io.StringIO()
-    train(run_cfg(corpus, tmp_path / "fp16", steps=2, precision="fp16",
-                  extra=["parallel.zero_impl=trainer"]), stream=log)
+    train(run_cfg(corpus, tmp_path / "fp16", steps=2, precision="fp16"), stream=log)
     recs = [json.loads(x) for x in (tmp_path / "fp16" / "metrics.jsonl").read_text().splitlines()]
     assert recs[0]["skipped"] is True and recs[1]["loss_scale"] == 2.0**38
     assert "step 1: non-finite gradients, update skipped" in log.getvalue()
@@ -165,15 +164,6 @@ def test_copy_of_checkpoint_loads_elsewhere(saved):
     shutil.copytree(saved / "checkpoints" / "step_00000004", dst)
     tensors, man = load_logical(dst)
     assert man["step"] == 4 and tensors["embed.weight"].shape == (512, 32)
-
-
-def test_resume_exact_with_trainer_own_zero(corpus, tmp_path):
-    """The same with the trainer's fallback ZeRO-1 (used when haillm.zero is not installed)."""
-    own = ["parallel.zero_impl=trainer"]
-    full = train(run_cfg(corpus, tmp_path / "a", extra=own))["losses"]
-    train(run_cfg(corpus, tmp_path / "b", extra=[*own, "run.exit_after=3"]))
-    again = train(run_cfg(corpus, tmp_path / "b", extra=[*own, "run.resume=true"]))["losses"]
-    assert again == full[3:]
 
 
 def test_resume_exact_in_bf16(corpus, tmp_path):

@@ -53,7 +53,7 @@ def test_generate_from_checkpoint_equals_training_model_greedy(tmp_path):
     train(cfg)
     # the training model as the trainer builds it, with the trained weights
     model, _, _ = load_model(out)  # the run folder: its newest complete checkpoint
-    stage = StageModel(model, range(cfg.model.n_layers), Grid.build(1, 1, 1),
+    stage = StageModel(model, range(cfg.model.n_layers), Grid.create(1, 1, 1),
                        Ops(cfg.parallel, warn=False), first=True, last=True,
                        sequence_parallel=False)
     prompt = torch.tensor([[5, 17, 300, 2]])

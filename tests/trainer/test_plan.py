@@ -1,7 +1,7 @@
 """haillm-plan against memory measured in tiny CPU runs (within 15 %).
 
-Model states: the bytes of the real tensors (the bucketed parameters, the fp32 main-grad
-buckets, the ZeRO-1 master/Adam shards) of a `StageModel` + `ShardedOptimizer`. Activations:
+Model states: the bytes of the real tensors (the flat parameter buffer, the fp32 main-grad
+buffer, the ZeRO-1 master/Adam shards) of a `StageModel` + `haillm.zero` optimizer. Activations:
 the bytes of every distinct storage that autograd saves for backward during one micro-batch's
 forward (`torch.autograd.graph.saved_tensors_hooks`), parameters excluded.
 """
@@ -15,7 +15,7 @@ from haillm.trainer import DeepSeekLM, StageModel, load_config, split_layers
 from haillm.trainer.cli import plan_main
 from haillm.trainer.grid import Grid
 from haillm.trainer.ops import Ops
-from haillm.trainer.optim import ShardedOptimizer
+from haillm.trainer.optim import make_optimizer
 from haillm.trainer.plan import Layout, activation_bytes, plan, state_bytes
 from tests.helpers import run_distributed
 
@@ -35,14 +35,13 @@ def _measure(dp, tp, pp, sp, attention="reference"):
     torch.set_num_threads(1)
     cfg = _cfg(attention=attention)
     m = cfg.model
-    grid = Grid.build(dp, tp, pp)
+    grid = Grid.create(dp, tp, pp)
     ops = Ops(cfg.parallel, warn=False)
     layers = split_layers(m.n_layers, pp)[grid.pp_rank]
     st = StageModel(DeepSeekLM(m, seed=0), layers, grid, ops, first=grid.is_first_stage,
                     last=grid.is_last_stage, sequence_parallel=sp, dtype=torch.float32)
-    opt = ShardedOptimizer(st, cfg.train, grid, zero=True, sequence_parallel=sp)
-    measured = {"params": sum(b.param_buf.nbytes for b in opt.buckets),
-                "grads": sum(b.grad_buf.nbytes for b in opt.buckets),
+    opt, _ = make_optimizer(st, cfg.train, grid, zero=True, overlap=True, sequence_parallel=sp)
+    measured = {"params": opt.zdp.param_buffer.nbytes, "grads": opt.zdp.main_grad.nbytes,
                 "optimizer": opt.state_bytes()}
     lay = Layout(dp=dp, tp=tp, pp=pp, micro_batch_size=B, precision="fp32",
                  sequence_parallel=sp, attention="plain" if attention == "reference" else "flash",

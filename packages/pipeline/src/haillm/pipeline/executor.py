@@ -290,7 +290,8 @@ class PipelineExecutor:
         self._act_in: dict[tuple[int, int], Any] = {}  # (mb, chunk) -> stage input (structure)
         self._act_out: dict[tuple[int, int], tuple[list, list]] = {}  # -> (roots, grads slots)
         self._mailbox: list[torch.Tensor] = []  # same-rank messages (p == 1), in order
-        self._pending: list[tuple[Any, torch.Tensor | None]] = []  # (send work, to release)
+        # (send work, tensor to release after it, payload kept alive until it completes)
+        self._pending: list[tuple[Any, torch.Tensor | None, torch.Tensor | None]] = []
         self._losses: list[torch.Tensor] = []
         self.records, self.peak_inflight, self.released_outputs = [], 0, 0
         if self.record and dist.is_initialized():
@@ -314,7 +315,7 @@ class PipelineExecutor:
                         self.stage, a, t_start - self._t0, time.perf_counter() - self._t0))
             self._poll_sends()
         self._communicate(outgoing, [])
-        for work, _ in self._pending:
+        for work, _, _ in self._pending:
             if work is not None:
                 work.wait()
         self._poll_sends()
@@ -351,7 +352,9 @@ class PipelineExecutor:
             if dst == self.rank:  # same process (one-stage interleaving): no message needed
                 self._mailbox.append(t.detach().clone())
                 continue
-            payload = t.detach()
+            # P2P needs dense memory: a stage may return (or a backward may produce) a
+            # non-contiguous view, e.g. a transposed tensor after a sequence-parallel collective
+            payload = t.detach().contiguous()
             ops.append(dist.P2POp(dist.isend, payload, dst, group=self.group))
             sent.append((payload, t if release else None))
         for r in recvs:
@@ -363,9 +366,10 @@ class PipelineExecutor:
             # wait for the whole batch, sends included, so sent outputs can be freed now.
             for w in works:
                 w.wait()
-            self._pending += [(None, t) for _, t in sent]
+            self._pending += [(None, t, None) for _, t in sent]
         else:  # deferred: sends complete in the background, waited for at the end of `run`
-            self._pending += [(w, t) for w, (_, t) in zip(works, sent)]
+            # keep the payload alive until its send is waited for (it may be a fresh copy)
+            self._pending += [(w, t, payload) for w, (payload, t) in zip(works, sent)]
             for w in works[len(sent):]:
                 w.wait()
         out: list[list[torch.Tensor] | None] = []
@@ -381,13 +385,13 @@ class PipelineExecutor:
     def _poll_sends(self) -> None:
         """Release the storage of outputs whose sends have completed (without blocking)."""
         keep = []
-        for work, t in self._pending:
+        for work, t, payload in self._pending:
             if work is None or work.is_completed():
                 if t is not None:
                     _release_storage(t)
                     self.released_outputs += 1
             else:
-                keep.append((work, t))
+                keep.append((work, t, payload))
         self._pending = keep
 
     # -- compute

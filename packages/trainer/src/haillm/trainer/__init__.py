@@ -4,8 +4,8 @@
   TOML and `--set` overrides.
 * `data`: the embedded corpus (Python's stdlib sources), byte-level BPE, packing, sampler.
 * `reference`: the plain single-process model (the spec); `model`: the TP/SP/PP stage.
-* `optim`: ZeRO-1 sharded AdamW with fp32 main grads, the paper's LR schedule.
-* `pipeline_exec`: runs a pipeline schedule; `train`: the loop; `launch`/`cli`: the ranks.
+* `optim`: `haillm.zero`'s ZeRO-1 AdamW wired for a 3D layout, the paper's LR schedule.
+* `pipeline_exec`: a step through `haillm.pipeline`'s executor; `train`: the loop; `launch`/`cli`: the ranks.
 """
 
 from haillm.trainer.config import (
@@ -23,7 +23,7 @@ from haillm.trainer.config import (
 )
 from haillm.trainer.metrics import flops_per_token
 from haillm.trainer.model import StageModel, split_layers
-from haillm.trainer.optim import ShardedOptimizer, lr_at
+from haillm.trainer.optim import Optimizer, lr_at
 from haillm.trainer.reference import DeepSeekLM
 from haillm.trainer.train import train
 
@@ -34,9 +34,9 @@ __all__ = [
     "DataConfig",
     "DeepSeekLM",
     "ModelConfig",
+    "Optimizer",
     "ParallelConfig",
     "RunConfig",
-    "ShardedOptimizer",
     "StageModel",
     "TrainConfig",
     "apply_overrides",

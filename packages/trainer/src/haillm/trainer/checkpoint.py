@@ -175,57 +175,26 @@ def _trim_metrics(out: Path, step: int) -> None:
 
 
 # ------------------------------------------------------------------------------ optimizer
-def _names(stage) -> dict[int, str]:
-    return {id(p): n for n, p in stage.named_parameters()}
-
-
 @torch.no_grad()
 def _optimizer_full_state(opt, stage) -> tuple[dict[str, dict[str, torch.Tensor]], dict]:
-    """`{master|exp_avg|exp_avg_sq: {stage param name: fp32 tensor}}` (collective over DP)."""
-    if hasattr(opt, "opt") and hasattr(opt.opt, "full_state_dict"):  # haillm.zero's Zero1AdamW
-        full = opt.opt.full_state_dict()
-        return {k: full[k] for k in KEYS}, {"num_steps": full["num_steps"],
-                                             "loss_scaler": full.get("loss_scaler")}
-    from haillm.trainer.grid import all_gather_into
+    """`{master|exp_avg|exp_avg_sq: {stage param name: fp32 tensor}}` (collective over DP).
 
-    names, grid = _names(stage), opt.grid
-    out: dict[str, dict[str, torch.Tensor]] = {k: {} for k in KEYS}
-    for i, b in enumerate(opt.buckets):
-        for key in KEYS:
-            shard = getattr(opt, key)[i]
-            if opt.zero and grid.dp > 1:
-                flat = torch.empty(b.numel, dtype=shard.dtype, device=shard.device)
-                all_gather_into(flat, shard.contiguous(), group=grid.dp_group)
-            else:
-                flat = shard
-            off = 0
-            for p in b.params:
-                out[key][names[id(p)]] = flat[off:off + p.numel()].view_as(p).clone()
-                off += p.numel()
-    return out, {"num_steps": opt.step_count}
+    `haillm.zero`'s `Zero1AdamW.full_state_dict` gathers its ZeRO-1 shards into per-parameter
+    tensors (named as in `stage.named_parameters()`), independent of the DP size.
+    """
+    full = opt.opt.full_state_dict()
+    return {k: full[k] for k in KEYS}, {"num_steps": full["num_steps"],
+                                         "loss_scaler": full.get("loss_scaler")}
 
 
 @torch.no_grad()
 def _optimizer_load_full(opt, stage, state: dict[str, dict[str, torch.Tensor]], extra: dict):
-    """Each rank keeps its DP shard of the full state; parameters := master weights."""
-    if hasattr(opt, "opt") and hasattr(opt.opt, "load_full_state_dict"):
-        opt.opt.load_full_state_dict({**state, "num_steps": extra["num_steps"],
-                                      "param_groups": opt.opt._hparams(),
-                                      "loss_scaler": extra.get("loss_scaler")})
-        return
-    names, grid = _names(stage), opt.grid
-    r = grid.dp_rank if opt.zero else 0
-    for i, b in enumerate(opt.buckets):
-        for key in KEYS:
-            flat = torch.zeros(b.numel, dtype=torch.float32, device=b.param_buf.device)
-            off = 0
-            for p in b.params:
-                flat[off:off + p.numel()] = state[key][names[id(p)]].reshape(-1)
-                off += p.numel()
-            getattr(opt, key)[i].copy_(flat[r * b.shard:(r + 1) * b.shard])
-            if key == "master":  # what the optimizer itself writes after every step
-                b.param_buf.copy_(flat.to(b.param_buf.dtype))
-    opt.step_count = extra["num_steps"]
+    """Each rank keeps its DP shard of the full state; parameters := master weights (exactly
+    what the optimizer writes after every step)."""
+    opt.opt.load_full_state_dict({**state, "num_steps": extra["num_steps"],
+                                  "param_groups": [{k: v for k, v in g.items() if k != "params"}
+                                                   for g in opt.opt.param_groups],
+                                  "loss_scaler": extra.get("loss_scaler")})
 
 
 def _rng_state() -> dict:
@@ -262,7 +231,8 @@ class Checkpointer:
         chunks: this rank's `StageModel`s (one, or the virtual stages of the interleaved
             schedule); model: the module the optimizer was built on (the chunk itself, or a
             `ModuleList` of the chunks); opt: its optimizer.
-        sampler: the data sampler; scaler: the trainer's `LossScaler` or None.
+        sampler: the data sampler; scaler: a loss scaler outside the optimizer (`scale`, `good`)
+            or None (fp16 scaling of `haillm.zero` is part of the optimizer state).
         keep: how many complete checkpoints to keep (older ones are deleted).
         stream: where rank 0 reports saves and loads (default stderr).
     """

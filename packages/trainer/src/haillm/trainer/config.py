@@ -155,20 +155,12 @@ class ParallelConfig:
     """`1f1b`, `gpipe` or `interleaved` (with `chunks` model chunks per stage)."""
     chunks: int = 1
     """Model chunks per pipeline stage for the interleaved schedule."""
-    pipeline_impl: str = "auto"
-    """`auto` (`haillm.pipeline.PipelineExecutor` when installed, else the trainer's own 1F1B
-    executor), `package` or `trainer`. The interleaved schedule needs the package."""
     sequence_parallel: bool = True
     """Shard norms/residuals along the sequence inside the TP group (no-op at tp = 1)."""
     zero: bool = True
     """ZeRO-1: shard fp32 master weights and Adam states over DP (else replicate them)."""
-    tp_layers: str = "auto"
-    """`auto` (`haillm.parallel`'s Column/RowParallelLinear when installed, else the trainer's
-    own TP/SP regions), `package` or `trainer`."""
     tp_comm_overlap: bool = True
     """Overlap the TP/SP collectives with the GEMMs (haillm.parallel layers)."""
-    zero_impl: str = "auto"
-    """`auto` (`haillm.zero` when installed, else the trainer's own ZeRO-1), `package`, `trainer`."""
     overlap_grad_reduce: bool = True
     """Start the gradient reduce-scatter from the last micro-batch's backward."""
     attention: str = "auto"

@@ -10,7 +10,11 @@ Per decoder block, under tensor parallelism (Megatron) with sequence parallelism
     --> Wo_r (row-parallel) --> reduce-scatter along the sequence --> (B, S/tp, d)
     same for the MLP: gather_seq --> linear_swiglu([Wg|Wu]_r) --> Wdown_r --> reduce-scatter.
 
-Without SP the gather/reduce-scatter pair becomes Megatron's f/g (identity and all-reduce).
+The projections are `haillm.parallel`'s Column/RowParallelLinear (which run the SP collectives
+themselves, overlapped with the GEMMs); the regions around the fused SwiGLU GEMM, the
+embedding and the head are `haillm.parallel`'s mappings. Without SP the gather/reduce-scatter
+pair becomes Megatron's f/g (identity and all-reduce); at tp = 1 everything is the identity
+and the weights are plain parameters.
 The stage's first/last roles: the embedding (vocab-parallel) on the first stage, the final
 norm, the head (vocab-parallel) and the loss on the last. Between stages only the residual
 stream travels: (B, S/tp, d) under SP, (B, S, d) otherwise.
@@ -23,18 +27,41 @@ import torch.nn as nn
 import torch.nn.functional as F
 from einops import rearrange
 
-from haillm.trainer.config import ModelConfig
-from haillm.trainer.grid import (
-    Grid,
-    copy_to_tp,
-    gather_seq,
-    reduce_from_tp,
-    scatter_seq_reduce,
+from haillm.parallel import (
+    copy_to_tensor_parallel_region,
+    gather_from_sequence_parallel_region,
+    mark_sequence_parallel,
+    reduce_from_tensor_parallel_region,
+    reduce_scatter_to_sequence_parallel_region,
 )
+from haillm.trainer.config import ModelConfig
+from haillm.trainer.grid import Grid
 from haillm.trainer.ops import Ops
 from haillm.trainer.reference import DeepSeekLM, apply_rope, rope_cache
 
 __all__ = ["ParallelBlock", "StageModel", "gather_full_state", "split_layers"]
+
+
+# haillm.parallel's regions, with the trainer's (B, S, d) layout: the sequence is dim 1.
+# Each is the identity at tp = 1.
+def copy_to_tp(x, group):
+    """Megatron f: identity forward, all-reduce backward."""
+    return copy_to_tensor_parallel_region(x, group)
+
+
+def reduce_from_tp(x, group):
+    """Megatron g: all-reduce forward, identity backward."""
+    return reduce_from_tensor_parallel_region(x, group)
+
+
+def gather_seq(x, group):
+    """SP: (B, S/tp, ...) -> (B, S, ...) all-gather; backward reduce-scatters."""
+    return gather_from_sequence_parallel_region(x, group, seq_dim=1)
+
+
+def scatter_seq_reduce(x, group):
+    """SP: (B, S, ...) partial sums -> (B, S/tp, ...) reduced; backward all-gathers."""
+    return reduce_scatter_to_sequence_parallel_region(x, group, seq_dim=1)
 
 
 def split_layers(n_layers: int, n_stages: int) -> list[range]:
@@ -56,9 +83,13 @@ def _cols(w: torch.Tensor, r: int, n: int) -> torch.Tensor:
     return w.chunk(n, dim=1)[r]
 
 
-def _param(t: torch.Tensor, dtype, device, *, replicated=False) -> nn.Parameter:
+def _param(t: torch.Tensor, dtype, device, *, replicated=False, sp=False) -> nn.Parameter:
     p = nn.Parameter(t.detach().to(device=device, dtype=dtype).contiguous().clone())
     p.tp_replicated = replicated  # norm weights: same on every TP rank, no weight decay
+    if replicated and sp:
+        # under SP each TP rank sees only its part of the sequence: the gradient is a partial
+        # sum, all-reduced over TP by haillm.parallel's hooks (registered by the optimizer)
+        mark_sequence_parallel(p)
     return p
 
 
@@ -72,12 +103,14 @@ class ParallelBlock(nn.Module):
         self.cfg, self.grid, self.ops, self.sp = cfg, grid, ops, sp and tp > 1
         self.hq, self.hkv = cfg.n_heads // tp, cfg.n_kv_heads // tp
         a, m = ref_block.attn, ref_block.mlp
-        self.attn_norm = _param(ref_block.attn_norm.weight, dtype, device, replicated=True)
-        self.mlp_norm = _param(ref_block.mlp_norm.weight, dtype, device, replicated=True)
+        self.attn_norm = _param(ref_block.attn_norm.weight, dtype, device, replicated=True,
+                                sp=self.sp)
+        self.mlp_norm = _param(ref_block.mlp_norm.weight, dtype, device, replicated=True,
+                               sp=self.sp)
         # merged gate-up: [W_gate rows of rank r ; W_up rows of rank r], as linear_swiglu wants
         self.w_gate_up = _param(torch.cat([_rows(m.w_gate.weight, r, tp),
                                            _rows(m.w_up.weight, r, tp)]), dtype, device)
-        self.tp_layers = ops.tp_layers
+        self.tp_layers = ops.tp_layers if tp > 1 else None
         if self.tp_layers is not None:
             # haillm.parallel's layers: the merged QKV is one ColumnParallelLinear whose parts
             # (q, k, v) are split separately, so each rank keeps its own heads of each; they
@@ -94,12 +127,11 @@ class ParallelBlock(nn.Module):
             self.o_proj = row.from_full(a.wo, overlap_sp_comm=ov and self.sp, **kw)
             self.down_proj = row.from_full(m.w_down, overlap_sp_comm=ov and self.sp, **kw)
             self.to(device=device, dtype=dtype)
-        else:
-            # merged QKV: this rank's query heads, then its kv heads (GQA widths differ)
-            self._wqkv = _param(torch.cat([_rows(a.wq.weight, r, tp), _rows(a.wk.weight, r, tp),
-                                           _rows(a.wv.weight, r, tp)]), dtype, device)
-            self._wo = _param(_cols(a.wo.weight, r, tp), dtype, device)
-            self._w_down = _param(_cols(m.w_down.weight, r, tp), dtype, device)
+        else:  # tp = 1: the plain weights, merged QKV
+            self._wqkv = _param(torch.cat([a.wq.weight, a.wk.weight, a.wv.weight]), dtype,
+                                device)
+            self._wo = _param(a.wo.weight, dtype, device)
+            self._w_down = _param(m.w_down.weight, dtype, device)
 
     # the weights, whichever layers hold them: (out/tp, in) and (out, in/tp) slices
     @property
@@ -118,10 +150,6 @@ class ParallelBlock(nn.Module):
         g = self.grid.tp_group
         return gather_seq(x, g) if self.sp else copy_to_tp(x, g)
 
-    def _exit(self, y):  # row-parallel output: reduce-scatter the sequence (SP) or Megatron g
-        g = self.grid.tp_group
-        return scatter_seq_reduce(y, g) if self.sp else reduce_from_tp(y, g)
-
     def forward(self, h, residual, cos, sin):
         """h, residual: (B, S_local, d) -> (h', residual'); residual None on the first block."""
         eps, hd = self.cfg.norm_eps, self.cfg.head_dim
@@ -133,7 +161,7 @@ class ParallelBlock(nn.Module):
         if self.tp_layers:
             qkv = self.qkv(x)  # SP all-gather (or Megatron f) inside: (B, S, local q|k|v)
         else:
-            qkv = F.linear(self._enter(x), self.wqkv)  # (B, S, local q|k|v)
+            qkv = F.linear(x, self.wqkv)  # (B, S, q|k|v)
         q, k, v = qkv.split([self.hq * hd, self.hkv * hd, self.hkv * hd], dim=-1)
         q = rearrange(q, "b s (h d) -> b s h d", d=hd)
         k = rearrange(k, "b s (h d) -> b s h d", d=hd)
@@ -141,10 +169,10 @@ class ParallelBlock(nn.Module):
         q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)
         o = self.ops.attn(q.contiguous(), k.contiguous(), v.contiguous())  # (B, S, Hq_l, D)
         o = rearrange(o, "b s h d -> b s (h d)")
-        h = self.o_proj(o) if self.tp_layers else self._exit(F.linear(o, self.wo))
+        h = self.o_proj(o) if self.tp_layers else F.linear(o, self.wo)
         x, residual = self.ops.rms_norm(h, self.mlp_norm, eps, residual=residual)
         a = self.ops.swiglu(self._enter(x), self.w_gate_up)  # fused GEMM: (B, S, f/tp)
-        h = self.down_proj(a) if self.tp_layers else self._exit(F.linear(a, self.w_down))
+        h = self.down_proj(a) if self.tp_layers else F.linear(a, self.w_down)
         return h, residual
 
 
@@ -168,7 +196,7 @@ class StageModel(nn.Module):
             ParallelBlock(ref.layers[i], cfg, grid, ops, sequence_parallel, dtype, device)
             for i in layer_ids)
         if last:
-            self.norm = _param(ref.norm.weight, dtype, device, replicated=True)
+            self.norm = _param(ref.norm.weight, dtype, device, replicated=True, sp=self.sp)
             self.head = _param(_rows(ref.head.weight, r, tp), dtype, device)
 
     def _embed(self, tokens):
@@ -193,9 +221,7 @@ class StageModel(nn.Module):
         if residual is not None:
             h = h + residual  # the residual stream: what the next stage (or the head) reads
         if not self.last:
-            # contiguous: the SP reduce-scatter may hand back a transposed view, and P2P sends
-            # need dense memory
-            return h.contiguous()
+            return h  # (B, S_local, d); the pipeline executor sends a dense copy if needed
         y = self.ops.rms_norm(h, self.norm, self.cfg.norm_eps)
         g = self.grid.tp_group
         y = gather_seq(y, g) if self.sp else copy_to_tp(y, g)  # (B, S, d)

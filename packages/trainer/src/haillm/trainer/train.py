@@ -20,20 +20,14 @@ import torch
 import torch.distributed as dist
 
 from haillm.trainer.checkpoint import Checkpointer
-from haillm.trainer.config import Config, ConfigError, dump_toml
+from haillm.trainer.config import Config, dump_toml
 from haillm.trainer.data import Sampler, build_dataset
 from haillm.trainer.grid import Grid
 from haillm.trainer.metrics import MetricsLogger, device_peak_flops, flops_per_token
 from haillm.trainer.model import StageModel, gather_full_state, split_layers
 from haillm.trainer.ops import Ops
-from haillm.trainer.optim import LossScaler, ShardedOptimizer, lr_at, make_optimizer
-from haillm.trainer.pipeline_exec import (
-    PackageStep,
-    StepTimes,
-    make_schedule,
-    package_executor_available,
-    run_step,
-)
+from haillm.trainer.optim import lr_at, make_optimizer
+from haillm.trainer.pipeline_exec import PipelineStep, StepTimes
 from haillm.trainer.reference import DeepSeekLM
 
 __all__ = ["DTYPES", "evaluate", "train"]
@@ -113,7 +107,7 @@ def train(cfg: Config, *, stream=None) -> dict:
     world = dist.get_world_size() if dist.is_initialized() else 1
     cfg.validate(world)
     p, t, m = cfg.parallel, cfg.train, cfg.model
-    grid = Grid.build(p.dp, p.tp, p.pp)
+    grid = Grid.create(p.dp, p.tp, p.pp)
     out = Path(cfg.run.out)
     is_rank0 = grid.rank == 0
     if is_rank0:
@@ -136,11 +130,6 @@ def train(cfg: Config, *, stream=None) -> dict:
     dtype = DTYPES[t.precision]
     ops = Ops(p, warn=is_rank0)
     ref = DeepSeekLM(m, seed=t.seed)
-    use_pkg_pipe = p.pipeline_impl == "package" or (
-        p.pipeline_impl == "auto" and package_executor_available())
-    if p.pipeline_schedule == "interleaved" and not use_pkg_pipe:
-        raise ConfigError("the interleaved schedule needs haillm.pipeline.PipelineExecutor "
-                          "(parallel.pipeline_impl=package)")
     v = p.chunks if p.pipeline_schedule == "interleaved" else 1
     # virtual stage c*pp + s is chunk c of stage s (Megatron's interleaving)
     split = split_layers(m.n_layers, p.pp * v)
@@ -152,22 +141,18 @@ def train(cfg: Config, *, stream=None) -> dict:
     stage = chunks[0] if v == 1 else torch.nn.ModuleList(chunks)
     del ref
     opt, opt_src = make_optimizer(stage, t, grid, zero=p.zero, overlap=p.overlap_grad_reduce,
-                                  sequence_parallel=p.sequence_parallel, impl=p.zero_impl)
-    own_scaler = isinstance(opt, ShardedOptimizer) and t.precision == "fp16"
-    scaler = LossScaler() if own_scaler else None
+                                  sequence_parallel=p.sequence_parallel)
+    # fp16 loss scaling is Zero1AdamW's own DynamicLossScaler (opt.loss_scale); the trainer's
+    # LossScaler is gone. `scaler` stays defined for feat/ckpt's Checkpointer(..., scaler).
+    scaler = None  # noqa: F841
     mbs = cfg.micro_batch_size
     s_local = m.seq_len // p.tp if (p.sequence_parallel and p.tp > 1) else m.seq_len
     act_shape = (mbs, s_local, m.hidden_size)  # the residual stream between stages
-    if use_pkg_pipe:
-        pkg_step = PackageStep(chunks, grid, schedule=p.pipeline_schedule, act_shape=act_shape,
-                               dtype=dtype, device=device,
-                               on_last_backward=opt.start_last_microbatch)
-        actions, sched_src = None, (f"haillm.pipeline.PipelineExecutor ({p.pipeline_schedule}"
-                                    f"{f', {v} chunks per stage' if v > 1 else ''})")
-    else:
-        actions, sched_src = make_schedule(p.pipeline_schedule, p.pp, p.microbatches,
-                                           grid.pp_rank)
-        sched_src = "trainer executor, schedule: " + sched_src
+    pkg_step = PipelineStep(chunks, grid, schedule=p.pipeline_schedule, act_shape=act_shape,
+                            dtype=dtype, device=device,
+                            on_last_backward=opt.start_last_microbatch)
+    sched_src = (f"haillm.pipeline.PipelineExecutor ({p.pipeline_schedule}"
+                 f"{f', {v} chunks per stage' if v > 1 else ''})")
     sampler = Sampler(ds.n_train, t.global_batch, t.seed)
     ckpt = Checkpointer(cfg, grid, chunks, stage, opt, sampler, scaler, stream=stream,
                         keep=cfg.run.keep_checkpoints)
@@ -203,16 +188,9 @@ def train(cfg: Config, *, stream=None) -> dict:
         xs = [b[0].to(device) for b in batches]
         ys = [b[1].to(device) for b in batches]
         lr = lr_at(step, t)
-        scale = scaler.scale if scaler else getattr(opt, "loss_scale", 1.0)
-        if use_pkg_pipe:
-            loss_sum = pkg_step(xs, ys, loss_scale=scale, times=times)
-        else:
-            loss_sum = run_step(stage, actions, xs, ys, grid, act_shape=act_shape,
-                                act_dtype=dtype, loss_scale=scale,
-                                on_last_backward=opt.start_last_microbatch, times=times)
+        scale = opt.loss_scale
+        loss_sum = pkg_step(xs, ys, loss_scale=scale, times=times)
         gnorm, found_inf = opt.step(lr, inv_scale=1.0 / scale)
-        if scaler:
-            scaler.update(found_inf)
         mine = loss_sum.item() if (grid.is_last_stage and grid.tp_rank == 0) else 0.0
         loss = _world_sum(mine, grid) / p.dp
         if not math.isfinite(loss) and t.precision != "fp16":
@@ -227,7 +205,7 @@ def train(cfg: Config, *, stream=None) -> dict:
                "compute_s": times.compute,
                "comm_fraction": (opt.comm_time + times.p2p) / dt, "skipped": bool(found_inf)}
         if t.precision == "fp16":
-            rec["loss_scale"] = scaler.scale if scaler else opt.loss_scale
+            rec["loss_scale"] = opt.loss_scale
         if t.eval_every and ((step + 1) % t.eval_every == 0 or step + 1 == t.steps):
             v = evaluate(chunks, ds, grid, cfg, act_shape=act_shape, dtype=dtype)
             rec["val_loss"] = v
