@@ -3,6 +3,7 @@ and one wheel importable on its own, without the other packages."""
 
 from __future__ import annotations
 
+import os
 import shutil
 import subprocess
 import sys
@@ -18,7 +19,7 @@ NAMES = ["flashattn", "fusedops", "parallel", "pipeline", "zero", "trainer"]
 
 @pytest.fixture(scope="module")
 def wheels(tmp_path_factory) -> dict[str, Path]:
-    uv = shutil.which("uv")
+    uv = os.environ.get("UV") or shutil.which("uv")  # `uv run` exports its own path as UV
     if uv is None:
         pytest.fail("uv is needed to build the wheels (pip install uv)")
     out = tmp_path_factory.mktemp("dist")
