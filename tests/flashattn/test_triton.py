@@ -141,6 +141,7 @@ def test_triton_interpreter_bf16_is_computed_in_fp32():
 @pytest.mark.parametrize("blocks", [
     {"fwd": (32, 16), "dkdv": (16, 32), "dq": (32, 16)},
     {"fwd": (16, 32), "dkdv": (32, 16), "dq": (16, 64)},
+    {"fwd": (64, 32), "dkdv": (32, 64), "dq": (64, 64)},  # the bf16 head-dim-128 shapes
 ])
 def test_triton_unequal_block_sizes(monkeypatch, blocks):
     """The GPU configs use BLOCK_M != BLOCK_N: the causal split points must not assume equality."""

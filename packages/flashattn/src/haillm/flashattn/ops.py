@@ -43,14 +43,21 @@ def _config(kind: str, block_d: int, dtype: torch.dtype) -> dict:
         m, n = INTERPRET_BLOCKS[kind]
         return dict(BLOCK_M=m, BLOCK_N=n, num_warps=1, num_stages=1)
     big = block_d > 64
-    if dtype == torch.float32:  # 4-byte tiles: halve them to stay within shared memory
-        return dict(BLOCK_M=64, BLOCK_N=32, num_warps=4, num_stages=2)
-    # Chosen to keep register spills low on sm_90 (ptxas -v on the compiled kernels): the
-    # accumulators (acc / dK, dV / dQ) and the score tile all live in registers.
+    # Chosen with `ptxas` without a GPU (tests/kernels_compile.py; the table is in
+    # docs/benchmarks/kernels.md): the 16-bit configs compile without register spills on sm_90.
+    if dtype == torch.float32:
+        # IEEE fp32 products run on the FMA units, not the tensor cores: the operand tiles live
+        # in registers, so tiles are small (64x32 tiles at head dim 128 spilled ~8 KB/thread).
+        if not big:
+            return dict(BLOCK_M=32, BLOCK_N=32, num_warps=4 if block_d <= 32 else 8, num_stages=2)
+        m, n = {"fwd": (32, 16), "dkdv": (16, 32), "dq": (32, 16)}[kind]
+        return dict(BLOCK_M=m, BLOCK_N=n, num_warps=8, num_stages=2)
+    # 16-bit inputs: the accumulators (acc / dK, dV / dQ) and the score tile all live in
+    # registers; dK-dV at head dim 128 steps through Q in blocks of 32 (64 spilled 232 B).
     if kind == "fwd":
         return dict(BLOCK_M=128, BLOCK_N=32 if big else 64, num_warps=8, num_stages=3)
     if kind == "dkdv":
-        return dict(BLOCK_M=64, BLOCK_N=64, num_warps=8, num_stages=2)
+        return dict(BLOCK_M=32 if big else 64, BLOCK_N=64, num_warps=8, num_stages=2)
     return dict(BLOCK_M=64, BLOCK_N=64, num_warps=8 if big else 4, num_stages=2 if big else 3)
 
 
@@ -60,7 +67,7 @@ _TUNE_SPACE = {
     ("fwd", False): [(128, 64, 8, 3), (128, 64, 4, 3), (64, 64, 4, 3)],
     ("fwd", True): [(128, 32, 8, 3), (128, 64, 8, 3), (64, 64, 4, 2)],
     ("dkdv", False): [(64, 64, 8, 2), (64, 64, 4, 2), (32, 128, 4, 3)],
-    ("dkdv", True): [(64, 64, 8, 2), (64, 32, 4, 2), (32, 64, 8, 2)],
+    ("dkdv", True): [(32, 64, 8, 2), (64, 64, 8, 2), (64, 32, 8, 2)],
     ("dq", False): [(64, 64, 4, 3), (128, 64, 8, 2), (64, 32, 4, 2)],
     ("dq", True): [(64, 64, 8, 2), (128, 64, 8, 2), (64, 32, 4, 2)],
 }
