@@ -23,6 +23,36 @@ import triton.language as tl
 
 
 @triton.jit
+def _seq_bounds(CU_Q, CU_K, b):
+    """Where sequence `b` starts in the packed q and k/v, and how long it is (varlen layout)."""
+    q_start = tl.load(CU_Q + b)
+    seqlen_q = tl.load(CU_Q + b + 1) - q_start
+    k_start = tl.load(CU_K + b)
+    seqlen_k = tl.load(CU_K + b + 1) - k_start
+    # token offsets in int64: total_tokens * row stride can pass 2**31 elements
+    return q_start.to(tl.int64), seqlen_q, k_start.to(tl.int64), seqlen_k
+
+
+@triton.jit
+def _key_range(start_m, seqlen_q, seqlen_k, CAUSAL: tl.constexpr, BLOCK_M: tl.constexpr,
+               BLOCK_N: tl.constexpr):
+    """Keys a query block [start_m, start_m + BLOCK_M) visits: [0, full) unmasked, [full, hi)
+    masked. Causal (bottom-right aligned, diag = seqlen_k - seqlen_q): keys >= hi are above the
+    diagonal for every row of the block and skipped entirely; keys < full are below it for
+    every row and need no mask. `full` is rounded down to a whole key block."""
+    diag = seqlen_k - seqlen_q
+    if CAUSAL:
+        hi = tl.minimum(seqlen_k, start_m + BLOCK_M + diag)
+        full = tl.minimum(tl.maximum(start_m + diag + 1, 0), seqlen_k)
+    else:
+        hi = seqlen_k
+        full = seqlen_k
+    hi = tl.where(start_m < seqlen_q, tl.maximum(hi, 0), 0)  # blocks past this sequence: no work
+    full = tl.minimum((full // BLOCK_N) * BLOCK_N, hi)
+    return full, hi
+
+
+@triton.jit
 def _fwd_loop(acc, l_i, m_i, q, k_base, v_base, stride_kt, stride_vt, lo, hi,
               offs_m, offs_n, offs_d, mask_d, seqlen_k, diag, qk_scale,
               MASK: tl.constexpr, CAUSAL: tl.constexpr, BLOCK_N: tl.constexpr,
@@ -65,13 +95,7 @@ def fwd_kernel(Q, K, V, O, LSE, CU_Q, CU_K, qk_scale,
     b = pid_bh // nheads
     h = pid_bh % nheads
     hk = h // group  # GQA: read the shared K/V head in place, no repeat
-    q_start = tl.load(CU_Q + b)
-    seqlen_q = tl.load(CU_Q + b + 1) - q_start
-    k_start = tl.load(CU_K + b)
-    seqlen_k = tl.load(CU_K + b + 1) - k_start
-    # token offsets in int64: total_tokens * row stride can pass 2**31 elements
-    q_start = q_start.to(tl.int64)
-    k_start = k_start.to(tl.int64)
+    q_start, seqlen_q, k_start, seqlen_k = _seq_bounds(CU_Q, CU_K, b)
     start_m = pid_m * BLOCK_M
     offs_m = start_m + tl.arange(0, BLOCK_M)
     offs_n = tl.arange(0, BLOCK_N)
@@ -84,16 +108,7 @@ def fwd_kernel(Q, K, V, O, LSE, CU_Q, CU_K, qk_scale,
     v_base = V + k_start * stride_vt + hk * stride_vh
 
     diag = seqlen_k - seqlen_q
-    if CAUSAL:
-        # keys >= hi are above the diagonal for every row of this block: skipped entirely;
-        # keys < full are below it for every row: no mask needed.
-        hi = tl.minimum(seqlen_k, start_m + BLOCK_M + diag)
-        full = tl.minimum(tl.maximum(start_m + diag + 1, 0), seqlen_k)
-    else:
-        hi = seqlen_k
-        full = seqlen_k
-    hi = tl.where(start_m < seqlen_q, tl.maximum(hi, 0), 0)  # blocks past this sequence: no work
-    full = tl.minimum((full // BLOCK_N) * BLOCK_N, hi)
+    full, hi = _key_range(start_m, seqlen_q, seqlen_k, CAUSAL, BLOCK_M, BLOCK_N)
 
     m_i = tl.full([BLOCK_M], float("-inf"), dtype=tl.float32)
     l_i = tl.zeros([BLOCK_M], dtype=tl.float32)
@@ -170,13 +185,7 @@ def bwd_dkdv_kernel(Q, K, V, DO, DK, DV, LSE, DELTA, CU_Q, CU_K, qk_scale, sm_sc
     pid_bh = tl.program_id(1)
     b = pid_bh // nheads_kv
     hk = pid_bh % nheads_kv
-    q_start = tl.load(CU_Q + b)
-    seqlen_q = tl.load(CU_Q + b + 1) - q_start
-    k_start = tl.load(CU_K + b)
-    seqlen_k = tl.load(CU_K + b + 1) - k_start
-    # token offsets in int64: total_tokens * row stride can pass 2**31 elements
-    q_start = q_start.to(tl.int64)
-    k_start = k_start.to(tl.int64)
+    q_start, seqlen_q, k_start, seqlen_k = _seq_bounds(CU_Q, CU_K, b)
     start_n = pid_n * BLOCK_N
     offs_n = start_n + tl.arange(0, BLOCK_N)
     offs_d = tl.arange(0, BLOCK_D)
@@ -255,13 +264,7 @@ def bwd_dq_kernel(Q, K, V, DO, DQ, LSE, DELTA, CU_Q, CU_K, qk_scale, sm_scale,
     b = pid_bh // nheads
     h = pid_bh % nheads
     hk = h // group
-    q_start = tl.load(CU_Q + b)
-    seqlen_q = tl.load(CU_Q + b + 1) - q_start
-    k_start = tl.load(CU_K + b)
-    seqlen_k = tl.load(CU_K + b + 1) - k_start
-    # token offsets in int64: total_tokens * row stride can pass 2**31 elements
-    q_start = q_start.to(tl.int64)
-    k_start = k_start.to(tl.int64)
+    q_start, seqlen_q, k_start, seqlen_k = _seq_bounds(CU_Q, CU_K, b)
     start_m = pid_m * BLOCK_M
     offs_m = start_m + tl.arange(0, BLOCK_M)
     offs_n = tl.arange(0, BLOCK_N)
@@ -279,14 +282,7 @@ def bwd_dq_kernel(Q, K, V, DO, DQ, LSE, DELTA, CU_Q, CU_K, qk_scale, sm_scale,
     v_base = V + k_start * stride_vt + hk * stride_vh
 
     diag = seqlen_k - seqlen_q
-    if CAUSAL:
-        hi = tl.minimum(seqlen_k, start_m + BLOCK_M + diag)
-        full = tl.minimum(tl.maximum(start_m + diag + 1, 0), seqlen_k)
-    else:
-        hi = seqlen_k
-        full = seqlen_k
-    hi = tl.where(start_m < seqlen_q, tl.maximum(hi, 0), 0)
-    full = tl.minimum((full // BLOCK_N) * BLOCK_N, hi)
+    full, hi = _key_range(start_m, seqlen_q, seqlen_k, CAUSAL, BLOCK_M, BLOCK_N)
 
     dq = tl.zeros([BLOCK_M, BLOCK_D], dtype=tl.float32)
     dq = _dq_loop(dq, q, do, lse, delta, k_base, v_base, stride_kt, stride_vt, 0, full,

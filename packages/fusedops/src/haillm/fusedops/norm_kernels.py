@@ -15,6 +15,44 @@ import triton.language as tl
 
 
 @triton.jit
+def _load_row(X, R, H, row, stride_x, stride_r, stride_h, offs, mask, HAS_RES: tl.constexpr):
+    """Columns `offs` of row x (+ r) in fp32. With the fused residual add of a pre-norm block,
+    h = x + r is stored (the new residual stream) and returned *as stored* (rounded to its
+    dtype), so it is normalised exactly as unfused code would."""
+    h = tl.load(X + row * stride_x + offs, mask=mask, other=0.0).to(tl.float32)
+    if HAS_RES:
+        h += tl.load(R + row * stride_r + offs, mask=mask, other=0.0).to(tl.float32)
+        h_st = h.to(H.dtype.element_ty)
+        tl.store(H + row * stride_h + offs, h_st, mask=mask)
+        h = h_st.to(tl.float32)
+    return h
+
+
+@triton.jit
+def _affine(y, W, B, offs, mask, HAS_W: tl.constexpr, HAS_B: tl.constexpr):
+    """y * w + b over columns `offs` (each optional)."""
+    if HAS_W:
+        y = y * tl.load(W + offs, mask=mask, other=0.0).to(tl.float32)
+    if HAS_B:
+        y = y + tl.load(B + offs, mask=mask, other=0.0).to(tl.float32)
+    return y
+
+
+@triton.jit
+def _dx(wdy, xhat, c1, c2, rstd, DH_IN, r64, stride_dhin, offs, mask, IS_RMS: tl.constexpr,
+        HAS_DH_IN: tl.constexpr):
+    """dx = rstd (w dy - xhat c1 - c2), c1 = mean(xhat w dy), c2 = mean(w dy) (0 for RMSNorm),
+    plus the gradient flowing into the returned residual stream h = x + r."""
+    if IS_RMS:
+        dx = (wdy - xhat * c1) * rstd
+    else:
+        dx = (wdy - (xhat * c1 + c2)) * rstd
+    if HAS_DH_IN:
+        dx += tl.load(DH_IN + r64 * stride_dhin + offs, mask=mask, other=0.0).to(tl.float32)
+    return dx
+
+
+@triton.jit
 def norm_fwd_kernel(
     X, R, W, B, Y, H, Mean, Rstd,
     stride_x, stride_r, stride_y, stride_h,
@@ -26,14 +64,7 @@ def norm_fwd_kernel(
     cols = tl.arange(0, BLOCK)
     if SINGLE:
         mask = cols < N
-        h = tl.load(X + row * stride_x + cols, mask=mask, other=0.0).to(tl.float32)
-        if HAS_RES:
-            # The fused residual add of a pre-norm block: h = x + r is stored (the new residual
-            # stream) and normalised *as stored* (rounded to its dtype), as unfused code would.
-            h += tl.load(R + row * stride_r + cols, mask=mask, other=0.0).to(tl.float32)
-            h_st = h.to(H.dtype.element_ty)
-            tl.store(H + row * stride_h + cols, h_st, mask=mask)
-            h = h_st.to(tl.float32)
+        h = _load_row(X, R, H, row, stride_x, stride_r, stride_h, cols, mask, HAS_RES)
         if IS_RMS:
             mean = 0.0
             var = tl.sum(h * h, axis=0) / N
@@ -42,11 +73,7 @@ def norm_fwd_kernel(
             d = tl.where(mask, h - mean, 0.0)
             var = tl.sum(d * d, axis=0) / N
         rstd = 1.0 / tl.sqrt(var + eps)
-        y = (h - mean) * rstd
-        if HAS_W:
-            y = y * tl.load(W + cols, mask=mask, other=0.0).to(tl.float32)
-        if HAS_B:
-            y = y + tl.load(B + cols, mask=mask, other=0.0).to(tl.float32)
+        y = _affine((h - mean) * rstd, W, B, cols, mask, HAS_W, HAS_B)
         tl.store(Y + row * stride_y + cols, y.to(Y.dtype.element_ty), mask=mask)
     else:
         # ---- pass 1: statistics over column blocks (and the residual sum, stored)
@@ -56,12 +83,7 @@ def norm_fwd_kernel(
         for start in range(0, N, BLOCK):
             offs = start + cols
             mask = offs < N
-            h = tl.load(X + row * stride_x + offs, mask=mask, other=0.0).to(tl.float32)
-            if HAS_RES:
-                h += tl.load(R + row * stride_r + offs, mask=mask, other=0.0).to(tl.float32)
-                h_st = h.to(H.dtype.element_ty)
-                tl.store(H + row * stride_h + offs, h_st, mask=mask)
-                h = h_st.to(tl.float32)
+            h = _load_row(X, R, H, row, stride_x, stride_r, stride_h, offs, mask, HAS_RES)
             if IS_RMS:
                 m2 += tl.sum(h * h, axis=0)
             else:
@@ -85,11 +107,7 @@ def norm_fwd_kernel(
                 h = tl.load(H + row * stride_h + offs, mask=mask, other=0.0).to(tl.float32)
             else:
                 h = tl.load(X + row * stride_x + offs, mask=mask, other=0.0).to(tl.float32)
-            y = (h - mean) * rstd
-            if HAS_W:
-                y = y * tl.load(W + offs, mask=mask, other=0.0).to(tl.float32)
-            if HAS_B:
-                y = y + tl.load(B + offs, mask=mask, other=0.0).to(tl.float32)
+            y = _affine((h - mean) * rstd, W, B, offs, mask, HAS_W, HAS_B)
             tl.store(Y + row * stride_y + offs, y.to(Y.dtype.element_ty), mask=mask)
     if not IS_RMS:
         tl.store(Mean + row, mean)
@@ -133,13 +151,11 @@ def norm_bwd_kernel(
             if HAS_W:
                 wdy = dy * w
             c1 = tl.sum(xhat * wdy, axis=0) / N
-            if IS_RMS:
-                dx = (wdy - xhat * c1) * rstd
-            else:
+            c2 = 0.0
+            if not IS_RMS:
                 c2 = tl.sum(wdy, axis=0) / N
-                dx = (wdy - (xhat * c1 + c2)) * rstd
-            if HAS_DH_IN:  # gradient flowing into the returned residual stream h = x + r
-                dx += tl.load(DH_IN + r64 * stride_dhin + cols, mask=mask, other=0.0).to(tl.float32)
+            dx = _dx(wdy, xhat, c1, c2, rstd, DH_IN, r64, stride_dhin, cols, mask, IS_RMS,
+                     HAS_DH_IN)
             tl.store(DX + r64 * stride_dx + cols, dx.to(DX.dtype.element_ty), mask=mask)
             dw_acc += dy * xhat
             db_acc += dy
@@ -178,13 +194,8 @@ def norm_bwd_kernel(
                 wdy = dy
                 if HAS_W:
                     wdy = dy * tl.load(W + offs, mask=mask, other=0.0).to(tl.float32)
-                if IS_RMS:
-                    dx = (wdy - xhat * c1) * rstd
-                else:
-                    dx = (wdy - (xhat * c1 + c2)) * rstd
-                if HAS_DH_IN:
-                    dx += tl.load(DH_IN + r64 * stride_dhin + offs, mask=mask,
-                                  other=0.0).to(tl.float32)
+                dx = _dx(wdy, xhat, c1, c2, rstd, DH_IN, r64, stride_dhin, offs, mask, IS_RMS,
+                         HAS_DH_IN)
                 tl.store(DX + r64 * stride_dx + offs, dx.to(DX.dtype.element_ty), mask=mask)
                 if HAS_W:
                     acc = tl.load(DW_part + part + offs, mask=mask, other=0.0)
