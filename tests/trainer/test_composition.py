@@ -110,7 +110,12 @@ def corpus(tmp_path_factory):
 def test_layouts_match_plain_pytorch(corpus, tmp_path):
     ref_cfg = _cfg_dict(corpus, str(tmp_path / "ref"))
     expected, expected_norms = _reference_run(ref_cfg)
-    assert expected[-1] < expected[0]  # the run does learn: a comparison that can fail
+    # a comparison that can fail: every update changes the gradient norm by far more than the
+    # 1e-4 relative agreement asked below (a layout that skipped or garbled an update would
+    # show), and the loss moves at every step
+    assert all(abs(b - a) > 1e-2 * a for a, b in zip(expected_norms, expected_norms[1:])), \
+        expected_norms
+    assert all(a != b for a, b in zip(expected, expected[1:])), expected
 
     from haillm.trainer import Config
 

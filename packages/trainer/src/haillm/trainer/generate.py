@@ -151,8 +151,8 @@ def load_model(path: str | Path, *, dtype=torch.float32,
         for cand in (path, path.parent, path.parent.parent):
             if (cand / "tokenizer.json").is_file():
                 run = cand
-    model = DeepSeekLM(cfg.model)
-    model.load_state_dict(state)
+    model = DeepSeekLM(cfg.model, lazy=True)  # meta parameters: nothing drawn, then replaced
+    model.load_state_dict(state, assign=True)
     return model.to(device=device, dtype=dtype).eval(), cfg, run
 
 

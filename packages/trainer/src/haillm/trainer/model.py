@@ -1,7 +1,10 @@
 """The parallel DeepSeek LLM: one pipeline stage, its weights sharded over the TP group.
 
 Built from a `reference.DeepSeekLM` that every rank constructs from the same seed: each rank
-keeps only its slices, so the parallel model starts bit-identical to the reference.
+keeps only its slices, so the parallel model starts bit-identical to the reference. The
+reference may be lazy (meta parameters): a stage then materialises one reference layer at a
+time, slices it and frees it, so a rank never holds more than one full layer (plus the
+embedding or head) on top of its own shards.
 
 Per decoder block, under tensor parallelism (Megatron) with sequence parallelism (SP):
 
@@ -21,6 +24,8 @@ stream travels: (B, S/tp, d) under SP, (B, S, d) otherwise.
 """
 
 from __future__ import annotations
+
+from contextlib import contextmanager
 
 import torch
 import torch.nn as nn
@@ -73,6 +78,17 @@ def split_layers(n_layers: int, n_stages: int) -> list[range]:
         out.append(range(start, start + n))
         start += n
     return out
+
+
+@contextmanager
+def _materialized(ref: DeepSeekLM, prefix: str):
+    """Inside: the reference's parameters under `prefix` hold values (a lazy reference is
+    materialised for the block and freed after; an eager one is left as it is)."""
+    names = ref.materialize_(prefix)
+    try:
+        yield
+    finally:
+        ref.release_(names)
 
 
 def _rows(w: torch.Tensor, r: int, n: int) -> torch.Tensor:
@@ -191,13 +207,18 @@ class StageModel(nn.Module):
         self.sp = sequence_parallel and tp > 1
         self.layer_ids = list(layer_ids)
         if first:
-            self.embed = _param(_rows(ref.embed.weight, r, tp), dtype, device)
-        self.layers = nn.ModuleList(
-            ParallelBlock(ref.layers[i], cfg, grid, ops, sequence_parallel, dtype, device)
-            for i in layer_ids)
+            with _materialized(ref, "embed."):
+                self.embed = _param(_rows(ref.embed.weight, r, tp), dtype, device)
+        blocks = []
+        for i in layer_ids:
+            with _materialized(ref, f"layers.{i}."):
+                blocks.append(ParallelBlock(ref.layers[i], cfg, grid, ops, sequence_parallel,
+                                            dtype, device))
+        self.layers = nn.ModuleList(blocks)
         if last:
-            self.norm = _param(ref.norm.weight, dtype, device, replicated=True, sp=self.sp)
-            self.head = _param(_rows(ref.head.weight, r, tp), dtype, device)
+            with _materialized(ref, "norm."), _materialized(ref, "head."):
+                self.norm = _param(ref.norm.weight, dtype, device, replicated=True, sp=self.sp)
+                self.head = _param(_rows(ref.head.weight, r, tp), dtype, device)
 
     def _embed(self, tokens):
         g, tp = self.grid.tp_group, self.grid.tp

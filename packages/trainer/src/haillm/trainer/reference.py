@@ -10,9 +10,17 @@ The parallel model (`haillm.trainer.model`) is built *from* an instance of this 
 rank constructs it from the same seed and keeps its own shards), and the composition test
 proves that it computes the same losses. The real one adds TP/SP sharding, pipeline stages,
 fused kernels and mixed precision.
+
+Initialisation is per parameter: parameter `name` is drawn from a generator seeded by
+(seed, name) alone, never from a shared random stream. So the model can be built *lazily* (on
+the meta device: structure, no memory) and any rank can materialise just the parameters it
+needs, one layer at a time, and still get exactly the values of the eager model. That is how a
+pipeline stage of a 67B model is built without ever holding the whole model on one rank.
 """
 
 from __future__ import annotations
+
+import zlib
 
 import torch
 import torch.nn as nn
@@ -21,7 +29,18 @@ from einops import rearrange
 
 from haillm.trainer.config import ModelConfig
 
-__all__ = ["Attention", "Block", "DeepSeekLM", "MLP", "RMSNorm", "apply_rope", "rope_cache"]
+__all__ = ["Attention", "Block", "DeepSeekLM", "MLP", "RMSNorm", "apply_rope", "init_value",
+           "rope_cache"]
+
+
+def init_value(cfg: ModelConfig, seed: int, name: str, shape) -> torch.Tensor:
+    """The initial fp32 value of parameter `name` (CPU): norm weights 1, every other weight
+    N(0, init_std^2) from a generator seeded by (seed, name) only (the same on every rank, in
+    any order of materialisation)."""
+    if name.endswith("norm.weight"):
+        return torch.ones(shape)
+    g = torch.Generator().manual_seed((int(seed) * 1_000_003 + zlib.crc32(name.encode())) % 2**63)
+    return torch.empty(shape).normal_(0.0, cfg.init_std, generator=g)
 
 
 def rope_cache(seq_len: int, head_dim: int, theta: float, device=None):
@@ -116,18 +135,41 @@ class Block(nn.Module):
 class DeepSeekLM(nn.Module):
     """The whole decoder. `forward(tokens)` -> logits (B, S, V); with targets -> mean loss."""
 
-    def __init__(self, cfg: ModelConfig, *, seed: int | None = None):
+    def __init__(self, cfg: ModelConfig, *, seed: int | None = None, lazy: bool = False):
+        """`seed`: None draws one from torch's global generator. `lazy`: leave every parameter
+        on the meta device (no memory); `materialize_` gives them their values later."""
         super().__init__()
         self.cfg = cfg
-        if seed is not None:
-            torch.manual_seed(seed)
-        self.embed = nn.Embedding(cfg.vocab_size, cfg.hidden_size)
-        self.layers = nn.ModuleList(Block(cfg) for _ in range(cfg.n_layers))
-        self.norm = RMSNorm(cfg.hidden_size, cfg.norm_eps)
-        self.head = nn.Linear(cfg.hidden_size, cfg.vocab_size, bias=False)
-        for name, p in self.named_parameters():
-            if not name.endswith("norm.weight"):
-                nn.init.normal_(p, mean=0.0, std=cfg.init_std)
+        self.seed = int(torch.randint(0, 2**62, ()).item()) if seed is None else int(seed)
+        with torch.device("meta"):  # the structure only: no memory, no random numbers drawn
+            self.embed = nn.Embedding(cfg.vocab_size, cfg.hidden_size)
+            self.layers = nn.ModuleList(Block(cfg) for _ in range(cfg.n_layers))
+            self.norm = RMSNorm(cfg.hidden_size, cfg.norm_eps)
+            self.head = nn.Linear(cfg.hidden_size, cfg.vocab_size, bias=False)
+        if not lazy:
+            self.materialize_()
+
+    def materialize_(self, prefix: str = "") -> list[str]:
+        """Give the meta parameters whose name starts with `prefix` their initial values (CPU,
+        fp32). Returns the names materialised (for `release_`)."""
+        done = []
+        for name, p in list(self.named_parameters()):
+            if name.startswith(prefix) and p.is_meta:
+                owner, attr = self._owner(name)
+                setattr(owner, attr, nn.Parameter(init_value(self.cfg, self.seed, name, p.shape)))
+                done.append(name)
+        return done
+
+    def release_(self, names: list[str]) -> None:
+        """Put parameters `names` back on the meta device (frees their memory)."""
+        for name in names:
+            owner, attr = self._owner(name)
+            p = getattr(owner, attr)
+            setattr(owner, attr, nn.Parameter(torch.empty(p.shape, device="meta")))
+
+    def _owner(self, name: str) -> tuple[nn.Module, str]:
+        path, _, attr = name.rpartition(".")
+        return self.get_submodule(path), attr
 
     def forward(self, tokens: torch.Tensor, targets: torch.Tensor | None = None):
         """tokens (B, S) int64 -> logits (B, S, V), or the mean cross-entropy with targets."""

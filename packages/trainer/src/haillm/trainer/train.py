@@ -97,8 +97,8 @@ def _gather_model(chunks: list[StageModel], grid: Grid, cfg: Config) -> DeepSeek
         if grid.rank != 0:
             return None
         part = {k: v for p in parts if p for k, v in p.items()}
-    model = DeepSeekLM(cfg.model)
-    model.load_state_dict(part)
+    model = DeepSeekLM(cfg.model, lazy=True)  # meta parameters: nothing drawn, then replaced
+    model.load_state_dict(part, assign=True)
     return model.eval()
 
 
@@ -126,10 +126,11 @@ def train(cfg: Config, *, stream=None) -> dict:
     if not is_rank0:
         ds, tok = build_dataset(cfg.data, m.vocab_size, m.seq_len, out, is_writer=False)
 
-    # ---- model: every rank builds the same seeded reference, keeps its shards
+    # ---- model: every rank builds the same seeded reference, lazily (meta parameters): its
+    # stage materialises one layer at a time and keeps only its shards
     dtype = DTYPES[t.precision]
     ops = Ops(p, warn=is_rank0)
-    ref = DeepSeekLM(m, seed=t.seed)
+    ref = DeepSeekLM(m, seed=t.seed, lazy=True)
     v = p.chunks if p.pipeline_schedule == "interleaved" else 1
     # virtual stage c*pp + s is chunk c of stage s (Megatron's interleaving)
     split = split_layers(m.n_layers, p.pp * v)
