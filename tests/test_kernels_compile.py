@@ -59,4 +59,9 @@ def test_every_kernel_compiles_for_sm90(tmp_path):
 
 
 def test_kernels_compile_for_sm80(tmp_path):
-    _check_report(_compile(tmp_path, "--arch", "80", "--quick"), 166912)
+    report = _compile(tmp_path, "--arch", "80", "--quick")
+    _check_report(report, 166912)
+    # Before Hopper the dual-accumulator SwiGLU GEMM gets its own, smaller tiles (the Hopper
+    # ones spill ~3.9 KB per thread there): at most a few bytes of spill.
+    dual = [r for r in report["records"] if r["case"].startswith("gemm swiglu bf16")]
+    assert len(dual) >= 4 and all(r["spill_bytes"] <= 16 for r in dual), dual

@@ -48,12 +48,15 @@ def _interpreting() -> bool:
     return os.environ.get("TRITON_INTERPRET", "0") == "1"
 
 
-def _autotune_configs(two_accumulators: bool, fp32: bool = False):
+def _autotune_configs(two_accumulators: bool, fp32: bool = False, hopper: bool = True):
     """Tile configurations. The interpreter takes exactly one (autotune with >= 2 fails there).
 
     On a GPU (Hopper-class: 227 KB of shared memory per block) a handful of large tiles for
     bf16/fp16 (tensor-core wgmma; the dual GEMM holds two fp32 accumulators, so its effective
-    tile is BLOCK_M x 2*BLOCK_N; 3-4 stages of (BM + 2 BN) x BK x 2 bytes fit). fp32 inputs
+    tile is BLOCK_M x 2*BLOCK_N; 3-4 stages of (BM + 2 BN) x BK x 2 bytes fit). Before Hopper
+    (`hopper=False`: mma.sync keeps the accumulators in registers, no wgmma) the dual GEMM's
+    128 x 2*128 tiles spill ~3.9 KB per thread (ptxas for sm_80, docs/benchmarks/kernels.md):
+    it gets smaller tiles that compile without spills there. fp32 inputs
     (IEEE products, no tensor cores: a correctness path, not a fast one) get one small tile:
     a 128x128x64 fp32 tile needs 192 KB of shared memory and compiles for half a minute.
     ``HAILLM_GEMM_AUTOTUNE=0`` pins the first config (quick compiles in GPU tests).
@@ -67,7 +70,13 @@ def _autotune_configs(two_accumulators: bool, fp32: bool = False):
     if fp32:
         return [C(dict(BLOCK_M=64, BLOCK_N=64, BLOCK_K=32, GROUP_M=8), num_warps=4,
                   num_stages=3)]
-    if two_accumulators:
+    if two_accumulators and not hopper:
+        configs = [
+            C(dict(BLOCK_M=128, BLOCK_N=64, BLOCK_K=64, GROUP_M=8), num_warps=8, num_stages=3),
+            C(dict(BLOCK_M=64, BLOCK_N=128, BLOCK_K=64, GROUP_M=8), num_warps=4, num_stages=4),
+            C(dict(BLOCK_M=64, BLOCK_N=64, BLOCK_K=64, GROUP_M=8), num_warps=4, num_stages=4),
+        ]
+    elif two_accumulators:
         configs = [
             C(dict(BLOCK_M=128, BLOCK_N=128, BLOCK_K=64, GROUP_M=8), num_warps=8, num_stages=3),
             C(dict(BLOCK_M=128, BLOCK_N=128, BLOCK_K=64, GROUP_M=8), num_warps=8, num_stages=4),
@@ -113,14 +122,23 @@ def _tma_ok(x: torch.Tensor, w: torch.Tensor) -> bool:
 
 if HAS_TRITON:
     # Tuned per (N, K) (and dtype): the token count M changes every batch, the layer shapes
-    # don't. One autotuner per (kernel, fp32 or not): {False: 16-bit, True: fp32}.
+    # don't. One autotuner per (kernel, fp32 or not, Hopper or not): {(fp32, hopper): tuner}.
     def _tuned(kernel, two_accumulators, key):
-        return {fp32: triton.autotune(_autotune_configs(two_accumulators, fp32), key=key)(kernel)
-                for fp32 in (False, True)}
+        return {(fp32, hopper): triton.autotune(_autotune_configs(two_accumulators, fp32, hopper),
+                                                key=key)(kernel)
+                for fp32 in (False, True) for hopper in (False, True)}
 
     _swiglu_fwd = _tuned(kernels.linear_swiglu_fwd_kernel, True, ["N", "K", "TMA"])
     _swiglu_bwd = _tuned(kernels.linear_swiglu_bwd_kernel, True, ["N", "K", "TMA"])
     _residual_fwd = _tuned(kernels.linear_residual_fwd_kernel, False, ["N", "K"])
+
+
+def _hopper() -> bool:
+    """Whether Triton compiles for sm_90 or newer (asked of Triton's driver: its current device
+    is the one the kernel launches on). The interpreter counts as Hopper (one config anyway)."""
+    if _interpreting():
+        return True
+    return triton.runtime.driver.active.get_current_target().arch >= 90
 
 
 def _grid(M: int, N: int):
@@ -152,7 +170,7 @@ def swiglu_fwd_triton(x: torch.Tensor, w: torch.Tensor, tma: bool | None = None)
         return y.zero_()  # silu(0) * 0
     fp32 = x.dtype == torch.float32
     xa, wa, use_tma = _operands(x, w, tma)
-    _swiglu_fwd[fp32][_grid(M, N)](
+    _swiglu_fwd[fp32, _hopper()][_grid(M, N)](
         xa, wa, y, M, N, K, x.stride(0), x.stride(1), w.stride(0), w.stride(1),
         y.stride(0), y.stride(1), IEEE=fp32, TMA=use_tma)
     return y
@@ -170,7 +188,7 @@ def swiglu_bwd_triton(x: torch.Tensor, w: torch.Tensor, dy: torch.Tensor,
         return dh.zero_()
     fp32 = x.dtype == torch.float32
     xa, wa, use_tma = _operands(x, w, tma)
-    _swiglu_bwd[fp32][_grid(M, N)](
+    _swiglu_bwd[fp32, _hopper()][_grid(M, N)](
         xa, wa, dy, dh, M, N, K, x.stride(0), x.stride(1), w.stride(0), w.stride(1),
         dy.stride(0), dy.stride(1), dh.stride(0), dh.stride(1), IEEE=fp32, TMA=use_tma)
     return dh
@@ -189,7 +207,7 @@ def residual_fwd_triton(x: torch.Tensor, w: torch.Tensor, r: torch.Tensor) -> to
         return r.to(out_dtype, copy=True)
     y = torch.empty(M, N, dtype=out_dtype, device=x.device)
     fp32 = x.dtype == torch.float32
-    _residual_fwd[fp32][_grid(M, N)](
+    _residual_fwd[fp32, _hopper()][_grid(M, N)](
         x, w, r, y, M, N, K, x.stride(0), x.stride(1), w.stride(0), w.stride(1),
         r.stride(0), r.stride(1), y.stride(0), y.stride(1), IEEE=fp32)
     return y
