@@ -1,6 +1,8 @@
 """Resources of every Triton kernel as compiled for sm_90 and sm_80, measured without a GPU.
 
     uv run python benchmarks/kernel_resources.py      # ~4 min on 2 CPU cores, clean cache
+    PYTHONPATH=<dir holding another triton> uv run python benchmarks/kernel_resources.py \
+        --other-triton 90                             # one more section: that Triton, sm_90
 
 Runs tests/kernels_compile.py (a compile-only Triton driver: the packages' own launchers, the
 real NVIDIA backend and `ptxas`, nothing executes) for both architectures and writes
@@ -33,7 +35,26 @@ def compile_report(arch: int) -> dict:
         return json.loads(out.read_text())
 
 
+def other_triton(arch: int):
+    """A summary section for the Triton on PYTHONPATH (e.g. the GPU image's older one)."""
+    rep = compile_report(arch)
+    recs = rep["records"]
+    spill = [r for r in recs if r["spill_bytes"]]
+    most: dict[str, int] = {}
+    for r in spill:
+        most[r["kernel"]] = max(most.get(r["kernel"], 0), r["spill_bytes"])
+    worst = sorted(most.items(), key=lambda x: -x[1])
+    harness.write_table(PAGE, f"Triton {rep['triton']}, sm_{arch}", [
+        "binaries", "failures", "without spills", "largest spill per kernel (B)"],
+        [[len(recs), len(rep["failures"]), len(recs) - len(spill),
+          ", ".join(f"{k}: {b}" for k, b in worst) or "none"]],
+        notes="The same cases compiled by another Triton release (`--other-triton`).")
+
+
 def main():
+    if "--other-triton" in sys.argv:
+        other_triton(int(sys.argv[sys.argv.index("--other-triton") + 1]))
+        return
     reports = {arch: compile_report(arch) for arch in (90, 80)}
     intro = ("Measured by `benchmarks/kernel_resources.py` on a machine **without a GPU**: "
              f"triton {reports[90]['triton']} compiles each launch of the packages' own "
