@@ -53,6 +53,18 @@ def _dx(wdy, xhat, c1, c2, rstd, DH_IN, r64, stride_dhin, offs, mask, IS_RMS: tl
 
 
 @triton.jit
+def _bwd_cols(H, DY, W, r64, stride_h, stride_dy, offs, mask, mean, rstd, HAS_W: tl.constexpr):
+    """Columns `offs` of row r64 for the looped backward: xhat, dy and w * dy, all fp32."""
+    h = tl.load(H + r64 * stride_h + offs, mask=mask, other=0.0).to(tl.float32)
+    dy = tl.load(DY + r64 * stride_dy + offs, mask=mask, other=0.0).to(tl.float32)
+    xhat = tl.where(mask, (h - mean) * rstd, 0.0)
+    wdy = dy
+    if HAS_W:
+        wdy = dy * tl.load(W + offs, mask=mask, other=0.0).to(tl.float32)
+    return xhat, dy, wdy
+
+
+@triton.jit
 def norm_fwd_kernel(
     X, R, W, B, Y, H, Mean, Rstd,
     stride_x, stride_r, stride_y, stride_h,
@@ -175,25 +187,18 @@ def norm_bwd_kernel(
             for start in range(0, N, BLOCK):
                 offs = start + cols
                 mask = offs < N
-                h = tl.load(H + r64 * stride_h + offs, mask=mask, other=0.0).to(tl.float32)
-                dy = tl.load(DY + r64 * stride_dy + offs, mask=mask, other=0.0).to(tl.float32)
-                xhat = tl.where(mask, (h - mean) * rstd, 0.0)
-                if HAS_W:
-                    dy = dy * tl.load(W + offs, mask=mask, other=0.0).to(tl.float32)
-                c1 += tl.sum(xhat * dy, axis=0)
-                c2 += tl.sum(dy, axis=0)
+                xhat, dy, wdy = _bwd_cols(H, DY, W, r64, stride_h, stride_dy, offs, mask, mean,
+                                          rstd, HAS_W)
+                c1 += tl.sum(xhat * wdy, axis=0)
+                c2 += tl.sum(wdy, axis=0)
             c1 = c1 / N
             c2 = c2 / N
             # pass b: dx, and this program's partial dw/db (its own row of the buffer)
             for start in range(0, N, BLOCK):
                 offs = start + cols
                 mask = offs < N
-                h = tl.load(H + r64 * stride_h + offs, mask=mask, other=0.0).to(tl.float32)
-                dy = tl.load(DY + r64 * stride_dy + offs, mask=mask, other=0.0).to(tl.float32)
-                xhat = tl.where(mask, (h - mean) * rstd, 0.0)
-                wdy = dy
-                if HAS_W:
-                    wdy = dy * tl.load(W + offs, mask=mask, other=0.0).to(tl.float32)
+                xhat, dy, wdy = _bwd_cols(H, DY, W, r64, stride_h, stride_dy, offs, mask, mean,
+                                          rstd, HAS_W)
                 dx = _dx(wdy, xhat, c1, c2, rstd, DH_IN, r64, stride_dhin, offs, mask, IS_RMS,
                          HAS_DH_IN)
                 tl.store(DX + r64 * stride_dx + offs, dx.to(DX.dtype.element_ty), mask=mask)
