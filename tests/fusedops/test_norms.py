@@ -67,13 +67,18 @@ def test_fp32_matches_torch_float64(impl, kind, shape, seed, residual, bias, eps
     want = _run(kind, inp, eps, None, torch.float64, truth=True)
     assert len(got) == len(want)
     # Conditioning: dx = rstd * (w dy - ...) loses ~ulp * rstd * |w dy| to cancellation, and
-    # dw sums over rows, so errors are measured relative to max(1, |reference|, rstd).
+    # dw sums over rows, so errors are measured relative to max(1, |reference|, rstd). Centring
+    # a row also costs kappa = max|h| * rstd (|h| / sigma; <= sqrt(N) for RMSNorm) in relative
+    # accuracy: a LayerNorm row of nearly equal values (kappa ~ 400, seen by hypothesis) is
+    # that much less accurate in fp32; the tolerance covers kappa up to ~100 by itself.
     h = inp["x"] if inp["r"] is None else inp["x"] + inp["r"]
     var = h.square().mean(-1) if kind == "rms" else h.var(-1, unbiased=False)
-    rstd = (var + eps).rsqrt().max().item()
+    rstd_rows = (var + eps).rsqrt()
+    rstd = rstd_rows.max().item()
+    kappa = (h.abs().amax(-1) * rstd_rows).max().item()
     for a, b in zip(got, want):
         assert a.dtype == torch.float32
-        scale = max(1.0, b.abs().max().item(), rstd)
+        scale = max(1.0, b.abs().max().item(), rstd) * max(1.0, kappa / 100)
         assert_close(a.double() / scale, b / scale, dtype=torch.float32)
 
 
