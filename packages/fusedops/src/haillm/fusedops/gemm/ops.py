@@ -16,6 +16,7 @@ and ``d residual = dy`` (all torch).
 
 from __future__ import annotations
 
+import functools
 import os
 import warnings
 
@@ -133,12 +134,18 @@ if HAS_TRITON:
     _residual_fwd = _tuned(kernels.linear_residual_fwd_kernel, False, ["N", "K"])
 
 
+@functools.cache
+def _target_arch(device: int) -> int:
+    return triton.runtime.driver.active.get_current_target().arch
+
+
 def _hopper() -> bool:
-    """Whether Triton compiles for sm_90 or newer (asked of Triton's driver: its current device
-    is the one the kernel launches on). The interpreter counts as Hopper (one config anyway)."""
+    """Whether Triton compiles for sm_90 or newer (asked of Triton's driver, once per device:
+    its current device is the one the kernel launches on). The interpreter counts as Hopper
+    (it has one config anyway)."""
     if _interpreting():
         return True
-    return triton.runtime.driver.active.get_current_target().arch >= 90
+    return _target_arch(triton.runtime.driver.active.get_current_device()) >= 90
 
 
 def _grid(M: int, N: int):
