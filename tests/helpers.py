@@ -29,6 +29,7 @@ __all__ = [
     "RankFailure",
     "assert_close",
     "assert_lowp_close",
+    "assert_within_roundings",
     "free_port",
     "run_distributed",
     "tol",
@@ -84,3 +85,28 @@ def assert_lowp_close(
         f"{name}: kernel error {err_k:.3e} > {factor} x PyTorch {torch_lowp.dtype} error "
         f"{err_t:.3e} (+{floor:.3g}), both against fp32"
     )
+
+
+def assert_within_roundings(actual: torch.Tensor, expected: torch.Tensor,
+                            magnitude: torch.Tensor, *, dtype: torch.dtype | None = None,
+                            name: str = "output") -> None:
+    """Element by element: |actual - expected| <= eps(dtype) * magnitude.
+
+    `magnitude` (fp64, broadcastable) is the derived bound in units of the dtype's machine
+    epsilon: the sum, over every rounding an element's value went through, of the magnitude of
+    what was rounded (Sigma |terms| of a sum, times how many roundings may differ). A cancelling
+    sum that is exactly 0 thus still gets the floor its terms allow; an element whose terms are
+    all 0 must match exactly. `dtype` defaults to `expected`'s.
+    """
+    eps = torch.finfo(dtype or expected.dtype).eps
+    err = (actual.double() - expected.double()).abs()
+    allowed = eps * magnitude.double().expand_as(err)
+    bad = err > allowed
+    if bad.any():
+        i = int((err - allowed).argmax())
+        raise AssertionError(
+            f"{name}: {int(bad.sum())} of {err.numel()} elements exceed their rounding bound; "
+            f"worst at flat index {i}: |{actual.reshape(-1)[i].item():.9g} - "
+            f"{expected.reshape(-1)[i].item():.9g}| = {err.reshape(-1)[i].item():.3e} > "
+            f"eps * magnitude = {allowed.reshape(-1)[i].item():.3e}"
+        )

@@ -61,7 +61,8 @@ def adamw_step_triton_(param, grad, exp_avg, exp_avg_sq, *, step, lr, beta1, bet
         n,
         1.0 - lr * weight_decay, 1.0 - beta1, beta2, 1.0 - beta2,
         lr / (1.0 - beta1**step), math.sqrt(1.0 - beta2**step), eps,
-        HAS_COPY=param_copy is not None, BLOCK=block, num_warps=8 if block >= 2048 else 4,
+        HAS_COPY=param_copy is not None, LERP_SMALL=abs(1.0 - beta1) < 0.5, BLOCK=block,
+        num_warps=8 if block >= 2048 else 4,
     )
 
 

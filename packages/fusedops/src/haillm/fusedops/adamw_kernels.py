@@ -15,12 +15,13 @@ def adamw_kernel(
     p_ptr, g_ptr, m_ptr, v_ptr, copy_ptr,
     n_elements,
     decay,          # 1 - lr * weight_decay          (host-computed, as torch does)
-    beta1_c,        # 1 - beta1: weight of the lerp m <- m + (1 - beta1) (g - m)
+    beta1_c,        # 1 - beta1: the weight w of the lerp m <- lerp(m, g, w)
     beta2, beta2_c,  # beta2, 1 - beta2
     step_size,      # lr / (1 - beta1^step)
     bias2_sqrt,     # sqrt(1 - beta2^step)
     eps,
     HAS_COPY: tl.constexpr,
+    LERP_SMALL: tl.constexpr,  # w < 0.5: torch's lerp takes the branch anchored at m
     BLOCK: tl.constexpr,
 ):
     pid = tl.program_id(0)
@@ -33,8 +34,14 @@ def adamw_kernel(
     v = tl.load(v_ptr + offs, mask=mask).to(tl.float32)
 
     p = p * decay                               # decoupled weight decay (Loshchilov & Hutter)
-    m = m + beta1_c * (g - m)                   # torch's lerp for weight < 0.5
-    v = v * beta2 + (beta2_c * g) * g          # addcmul: v + (value * g) * g
+    # torch's lerp and addcmul round once per fused multiply-add (its CPU kernels call
+    # fmadd, its CUDA kernels are contracted by nvcc): written as explicit FMAs they round the
+    # same way here, on the GPU and in the interpreter alike, so m and v equal torch's bits.
+    if LERP_SMALL:
+        m = tl.fma(beta1_c, g - m, m)           # lerp, w < 0.5:  m + w (g - m)
+    else:
+        m = tl.fma(beta1_c - 1.0, g - m, g)     # lerp, w >= 0.5: g - (1 - w) (g - m)
+    v = tl.fma(beta2_c * g, g, v * beta2)      # addcmul: v * beta2 + (value * g) * g
     # Same grouping and IEEE-rounded sqrt/div as torch.optim.AdamW, so fp32 results agree
     # bit for bit or within an ulp: denom = sqrt(v) / sqrt(bias2) + eps.
     denom = tl.div_rn(tl.sqrt_rn(v), bias2_sqrt) + eps
