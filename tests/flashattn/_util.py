@@ -43,3 +43,40 @@ def loop_attention(q, k, v, causal, scale):
                 s = (k[b, :n, hk] @ q[b, i, h]) * scale
                 out[b, i, h] = torch.softmax(s, 0) @ v[b, :n, hk]
     return out
+
+
+def attention_magnitudes(q, k, v, do, causal, scale):
+    """Sigma |terms| of every element of (out, dq, dk, dv), in fp64: the scale of its rounding
+    errors. q (B, Sq, H, D), k/v (B, Sk, Hkv, D), do (B, Sq, H, D).
+
+    out = P V, dV = P^T dO, dS = P (dP - D) with dP = dO V^T and D = rowsum(dO O),
+    dQ = scale dS K, dK = scale dS^T Q: each magnitude is the same expression over absolute
+    values, dS's from the magnitudes of its cancelling difference: P (|dO| |V|^T + |dO| |O|).
+    """
+    q, k, v, do = (t.detach().double() for t in (q, k, v, do))
+    B, Sq, H, D = q.shape
+    Sk, Hk = k.shape[1], k.shape[2]
+    rep = lambda t: t.repeat_interleave(H // Hk, dim=2)
+    k, v = rep(k), rep(v)  # (B, Sk, H, D)
+    scale = D ** -0.5 if scale is None else scale
+    s = torch.einsum("bqhd,bkhd->bhqk", q, k) * scale
+    if causal:
+        keep = torch.ones(Sq, Sk, dtype=torch.bool).tril(Sk - Sq)
+        s = s.masked_fill(~keep, float("-inf"))
+    p = torch.softmax(s, dim=-1).nan_to_num(0.0)  # rows that see no key: 0
+    out = torch.einsum("bhqk,bkhd->bqhd", p, v)
+    m_out = torch.einsum("bhqk,bkhd->bqhd", p, v.abs())
+    m_dv = torch.einsum("bhqk,bqhd->bkhd", p, do.abs())
+    m_dp = torch.einsum("bqhd,bkhd->bhqk", do.abs(), v.abs())
+    m_d = (do.abs() * out.abs()).sum(-1).transpose(1, 2)[..., None]  # (B, H, Sq, 1)
+    m_ds = p * (m_dp + m_d)
+    m_dq = torch.einsum("bhqk,bkhd->bqhd", m_ds, k.abs()) * abs(scale)
+    m_dk = torch.einsum("bhqk,bqhd->bkhd", m_ds, q.abs()) * abs(scale)
+    fold = lambda t: t.reshape(B, Sk, Hk, H // Hk, D).sum(3)  # GQA: dK/dV sum their groups
+    return m_out, m_dq, fold(m_dk), fold(m_dv)
+
+
+# Roundings in the chain of each output, for the floor of the low-precision rule: out and dV
+# are one softmax and one product away from the inputs (scores -> P -> P V); dQ and dK two more
+# (dP and D -> dS -> dS K).
+ROUNDINGS = {"out": 2, "dq": 4, "dk": 4, "dv": 2}
