@@ -23,8 +23,6 @@ element by element.
 
 from __future__ import annotations
 
-from collections.abc import Sequence
-
 import torch
 
 from haillm.parallel.testing import RankFailure, free_port, run_distributed
