@@ -87,19 +87,33 @@ def test_layers_on_tp_subgroups_of_a_dp_tp_grid():
 
 
 def _pipelined_equals_plain(cases):
+    """Both depths against the plain maths (the other ranks' shards are known: every rank
+    draws the same base and adds its rank), and the depth really pipelines: one GEMM per
+    chunk (a `chunks` argument that were ignored would give 1)."""
+    t, r = dist.get_world_size(), dist.get_rank()
     for n_local, chunks in cases:
-        t = dist.get_world_size()
         g = torch.Generator().manual_seed(n_local * 31 + chunks)
         w = torch.randn(5, 3, generator=g, dtype=torch.float64)
-        xs = torch.randn(n_local, 2, 3, generator=g, dtype=torch.float64) + dist.get_rank()
-        plain, gathered = gather_matmul(xs, lambda a: a @ w.T, None, chunks=1, keep_gathered=True)
-        piped, gathered2 = gather_matmul(xs, lambda a: a @ w.T, None, chunks=chunks,
-                                         keep_gathered=True)
-        assert torch.equal(plain, piped) and torch.equal(gathered, gathered2)
-        full = torch.randn(t * n_local, 2, 3, generator=g, dtype=torch.float64)
-        a = matmul_reduce_scatter(full, lambda a: a @ w.T, None, chunks=1)
-        b = matmul_reduce_scatter(full, lambda a: a @ w.T, None, chunks=chunks)
-        assert_close(a, b)
+        base = torch.randn(n_local, 2, 3, generator=g, dtype=torch.float64)
+        xs = base + r
+        every = torch.cat([base + q for q in range(t)])  # (t·n, 2, 3): the gathered input
+        full = torch.randn(t * n_local, 2, 3, generator=g, dtype=torch.float64)  # same on all
+        want_rs = (t * (full @ w.T))[r * n_local:(r + 1) * n_local]
+        for c in (1, chunks):
+            gemms = []
+
+            def mm(a, gemms=gemms):
+                gemms.append(a.shape[0])
+                return a @ w.T
+
+            y, gathered = gather_matmul(xs, mm, None, chunks=c, keep_gathered=True)
+            assert torch.equal(gathered, every), (n_local, c)
+            assert_close(y, every @ w.T)
+            assert gemms == [t * n_local // effective_chunks(n_local, c)] * effective_chunks(
+                n_local, c), (n_local, c, gemms)
+            gemms.clear()
+            assert_close(matmul_reduce_scatter(full, mm, None, chunks=c), want_rs)
+            assert len(gemms) == effective_chunks(n_local, c), (n_local, c, gemms)
     return True
 
 

@@ -21,20 +21,10 @@ from haillm.trainer.data import PackedDataset, Sampler
 from tests.helpers import run_distributed
 
 STEPS = 3
+# every fused feature off (that each switch selects the package's reference path is proved,
+# by counting the calls, in test_ops_switches.py)
 OFF = {"fused_norm": False, "fused_swiglu": False, "fused_cross_entropy": False,
        "attention": "reference", "tp_comm_overlap": False}
-
-
-def test_switched_off_features_use_the_packages_reference_paths():
-    from haillm.trainer import ParallelConfig
-    from haillm.trainer.ops import Ops
-
-    on, off = Ops(ParallelConfig()).wiring, Ops(ParallelConfig(**OFF)).wiring
-    assert on["rms_norm"].startswith("haillm.fusedops.rms_norm ")
-    assert off["rms_norm"].startswith("haillm.fusedops.rms_norm_reference")
-    assert "impl=reference" in off["swiglu"] and "impl=reference" in off["attention"]
-    assert off["cross_entropy"] == "haillm.fusedops.cross_entropy_reference"
-    assert all(v.startswith("haillm.") for v in (*on.values(), *off.values()))
 
 
 def _cfg_dict(corpus: str, out: str, dp=1, tp=1, pp=1, sp=True) -> dict:
