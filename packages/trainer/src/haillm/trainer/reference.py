@@ -142,7 +142,11 @@ class DeepSeekLM(nn.Module):
         self.cfg = cfg
         self.seed = int(torch.randint(0, 2**62, ()).item()) if seed is None else int(seed)
         with torch.device("meta"):  # the structure only: no memory, no random numbers drawn
-            self.embed = nn.Embedding(cfg.vocab_size, cfg.hidden_size)
+            # `_weight` skips Embedding's normal_() init, which on the meta device runs through
+            # torch's Python decompositions (importing torch._refs/_prims: ~20 s per process
+            # without a bytecode cache); init_value gives every parameter its value anyway.
+            self.embed = nn.Embedding(cfg.vocab_size, cfg.hidden_size, _weight=nn.Parameter(
+                torch.empty(cfg.vocab_size, cfg.hidden_size)))
             self.layers = nn.ModuleList(Block(cfg) for _ in range(cfg.n_layers))
             self.norm = RMSNorm(cfg.hidden_size, cfg.norm_eps)
             self.head = nn.Linear(cfg.hidden_size, cfg.vocab_size, bias=False)
