@@ -53,8 +53,8 @@ def run_seed(seed: int, examples: int, paths: list[str], timeout: float) -> tupl
 def falsifying(log: str) -> list[str]:
     """The 'FAILED test - reason' lines and each falsifying example's call."""
     found = re.findall(r"^FAILED .*$", log, flags=re.M)
-    found += [m.strip() for m in re.findall(r"(?:Falsifying example|Failing test case): "
-                                            r"(.*?\n\s*\))", log, flags=re.S)]
+    found += [re.sub(r"^E +", "", m.strip(), flags=re.M) for m in re.findall(
+        r"(?:Falsifying example|Failing test case): (.*?\n[E ]*\))$", log, flags=re.S | re.M)]
     return found
 
 
@@ -64,6 +64,7 @@ def main(argv=None) -> int:
     ap.add_argument("--seeds", default="0-29", help="e.g. 0-29 or 3,7,100-104")
     ap.add_argument("--examples", type=int, default=250, help="examples per test and seed")
     ap.add_argument("--timeout", type=float, default=3600.0, help="seconds per seed")
+    ap.add_argument("--logs", default=None, help="folder for each failing seed's full log")
     args = ap.parse_args(argv)
     seeds = _seeds(args.seeds)
     bad, t0 = {}, time.time()
@@ -74,6 +75,9 @@ def main(argv=None) -> int:
         print(f"seed {s}: exit {rc} in {time.time() - t:.0f} s: {tail}", flush=True)
         if rc != 0:
             bad[s] = falsifying(log) or [log[-2000:]]
+            if args.logs:
+                Path(args.logs).mkdir(parents=True, exist_ok=True)
+                (Path(args.logs) / f"seed{s}.log").write_text(log)
             for line in bad[s]:
                 print("   ", line.replace("\n", "\n    "), flush=True)
     print(f"explore: {len(seeds) - len(bad)} of {len(seeds)} seeds passed, {args.examples} "
