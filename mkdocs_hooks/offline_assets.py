@@ -46,17 +46,20 @@ def mathjax_dir() -> Path:
     return root
 
 
-def mathjax_files(root: Path) -> list[Path]:
-    """The files to ship, sorted: the entry script, then everything under RUNTIME_DIRS."""
-    found = [root / ENTRY]
+def mathjax_files(root: Path) -> dict[str, Path]:
+    """Path in the site (under SITE_DIR) -> installed file: the entry script, everything under
+    RUNTIME_DIRS, and MathJax's LICENSE (Apache-2.0, one level above `es5/`)."""
+    found = {ENTRY: root / ENTRY}
+    if (root.parent / "LICENSE").is_file():
+        found["LICENSE"] = root.parent / "LICENSE"
     for sub in RUNTIME_DIRS:
-        found += sorted(p for p in (root / sub).rglob("*") if p.is_file())
+        for path in sorted((root / sub).rglob("*")):
+            if path.is_file():
+                found[path.relative_to(root).as_posix()] = path
     return found
 
 
 def on_files(files: Files, config: MkDocsConfig) -> Files:
-    root = mathjax_dir()
-    for path in mathjax_files(root):
-        uri = f"{SITE_DIR}/{path.relative_to(root).as_posix()}"
-        files.append(File.generated(config, uri, abs_src_path=str(path)))
+    for rel, path in mathjax_files(mathjax_dir()).items():
+        files.append(File.generated(config, f"{SITE_DIR}/{rel}", abs_src_path=str(path)))
     return files

@@ -308,6 +308,7 @@ def test_math_renderer_is_shipped(site):
     for ext in ("cancel", "color", "mathtools", "mhchem", "physics"):
         assert (site / MATHJAX / "input/tex/extensions" / f"{ext}.js").is_file(), ext
     assert (site / MATHJAX / "sre/mathmaps/en.json").is_file()
+    assert "Apache License" in (site / MATHJAX / "LICENSE").read_text("utf-8")
 
 
 # --------------------------------------------------------------------- in a real browser
