@@ -88,8 +88,9 @@ def assert_lowp_close(
         max |kernel - truth| / magnitude <= factor * max |baseline - truth| / magnitude
                                             + roundings * eps(dtype).
     The floor is the bound of `roundings` roundings of the summed terms: a cancelling sum whose
-    true value is 0, where the baseline happens to be exact, still gets what its terms allow.
-    An element whose magnitude is 0 must be exact.
+    true value is 0, where the baseline happens to be exact, still gets what its terms allow;
+    plus the output's own rounding where it is subnormal (an absolute spacing, eps x the
+    smallest normal). An element whose magnitude is 0 must be exact.
 
     Without `magnitude` (outputs that are not sums, or whose terms are not known) the global
     maxima are compared: max|kernel - truth| <= factor * max|baseline - truth| + floor, the floor
@@ -102,6 +103,12 @@ def assert_lowp_close(
     err_k = (kernel.double() - truth).abs()
     err_b = (baseline.double() - truth).abs()
     if magnitude is not None:
+        # An element whose true value lies in the dtype's subnormal range is rounded with the
+        # absolute spacing of that range (fp16: 2**-24), not eps * |value|: that much is the
+        # output's own rounding, whatever the arithmetic before it.
+        sub = torch.finfo(dtype).smallest_normal * torch.finfo(dtype).eps
+        mag = magnitude.double().expand_as(err_k)
+        err_k = torch.where(mag > 0, (err_k - sub).clamp_min(0.0), err_k)
         rk, rb = _normalised(err_k, magnitude), _normalised(err_b, magnitude)
         allowed = factor * rb.max().item() + roundings * torch.finfo(dtype).eps
         assert rk.max().item() <= allowed, (

@@ -45,6 +45,8 @@ def _check(b, sq, sk, h, hk, d, causal, scale, dtype, seed, device=DEV):
        dtype=st.sampled_from([torch.float32, torch.float16]), seed=st.integers(0, 2**16))
 @example(b=1, sq=36, sk=1, hk=1, g=2, d=24, causal=False, scale=None, dtype=torch.float32,
          seed=0)  # dK = 0 exactly: a cancelling sum (issue 14)
+@example(b=1, sq=30, sk=37, hk=2, g=1, d=32, causal=True, scale=0.835902653003293,
+         dtype=torch.float16, seed=207)  # dK elements in fp16's subnormal range (explore seed 0)
 def test_triton_equals_reference(b, sq, sk, hk, g, d, causal, scale, dtype, seed):
     _check(b, sq, sk, hk * g, hk, d, causal, scale, dtype, seed)
 
