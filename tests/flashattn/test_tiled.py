@@ -50,7 +50,8 @@ def test_tiled_low_precision_rule(dtype):
     mags = attention_magnitudes(q, k, v, do, True, 32 ** -0.5)
     for name, a, p, t, m in zip(("out", "dq", "dk", "dv"), got, plain, truth, mags):
         assert a.dtype == dtype
-        assert_lowp_close(a, p, t, magnitude=m, roundings=ROUNDINGS[name], name=name)
+        assert_lowp_close(a, p, t, magnitude=m, roundings=ROUNDINGS[name],
+                          reduction=45 + 45 + 32, name=name)
 
 
 def _saved_bytes(fn, *args):
