@@ -20,7 +20,11 @@ import torch.distributed as dist
 
 from haillm.trainer.config import Config
 
-__all__ = ["init_from_env", "launch_local", "under_torchrun"]
+__all__ = ["SHUTDOWN_TIMEOUT_S", "init_from_env", "launch_local", "under_torchrun"]
+
+SHUTDOWN_TIMEOUT_S = 300
+"""On SIGINT/SIGTERM the launcher passes the signal to the ranks and waits this long for them
+to finish the step and save a checkpoint (then SIGKILL)."""
 
 
 def under_torchrun() -> bool:
@@ -56,6 +60,15 @@ def _rank_main(cfg_dict: dict) -> dict | None:
     finally:
         if dist.is_initialized():
             dist.destroy_process_group()
+    if summary.get("stopped"):
+        # a graceful stop: the launcher, which passed the signal on, no longer collects
+        # return values (torch's worker would wait for it until killed): exit now
+        import signal
+        import sys
+
+        sys.stdout.flush()
+        sys.stderr.flush()
+        os._exit(128 + int(getattr(signal, summary["stopped"])))
     return summary if int(os.environ.get("RANK", 0)) == 0 else None
 
 
@@ -71,5 +84,7 @@ def launch_local(cfg: Config, nproc: int) -> dict | None:
         rdzv_backend="c10d", rdzv_endpoint=f"127.0.0.1:{_free_port()}", max_restarts=0,
         monitor_interval=0.5, start_method="spawn",
     )
+    if hasattr(lc, "shutdown_timeout"):  # torch >= 2.10: time to finish a step and save
+        lc.shutdown_timeout = SHUTDOWN_TIMEOUT_S
     results = elastic_launch(lc, _rank_main)(cfg.to_dict())
     return results.get(0)
