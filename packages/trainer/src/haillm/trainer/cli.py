@@ -221,7 +221,7 @@ def _rank_failure_message(err, out: Path) -> str:
             if isinstance(msg, dict):  # the rank's recorded exception: {"message": "Type: text"}
                 msg = msg.get("message", "")
             msg = str(msg or "").strip()
-            if msg and "To enable traceback" not in msg:
+            if msg and "To enable traceback" not in msg and msg != "<NONE>":
                 how += f" ({msg.splitlines()[-1]})"
             else:
                 how += " (its traceback is printed above)"
