@@ -57,6 +57,12 @@ def _rank_main(cfg_dict: dict) -> dict | None:
     init_from_env(cfg.run.device)
     try:
         summary = train(cfg)
+    except KeyboardInterrupt:  # a second Ctrl-C: at once, quietly (the launcher reports)
+        import sys
+
+        sys.stdout.flush()
+        sys.stderr.flush()
+        os._exit(130)
     finally:
         if dist.is_initialized():
             dist.destroy_process_group()

@@ -375,5 +375,7 @@ def _finish(summary, chunks, grid, cfg, out, tok, stream, t_start) -> dict:
         print(f"haillm-train: done: step {summary['step']}/{t.steps}, {what} in "
               f"{fmt_time(time.perf_counter() - t_start)}; {loss}{val}; "
               f"{summary['tokens']:,} tokens; model {out / 'model.safetensors'}, metrics "
-              f"{out / 'metrics.jsonl'}{ck}", file=stream or sys.stdout, flush=True)
+              f"{out / 'metrics.jsonl'}{ck}"
+              + ("; continue with --resume" if summary["step"] < t.steps else ""),
+              file=stream or sys.stdout, flush=True)
     return summary
