@@ -38,7 +38,7 @@ from haillm.trainer.optim import lr_at, make_optimizer
 from haillm.trainer.pipeline_exec import PipelineStep, StepTimes
 from haillm.trainer.reference import DeepSeekLM
 
-__all__ = ["DTYPES", "evaluate", "train"]
+__all__ = ["DTYPES", "GracefulStop", "check_device", "evaluate", "train"]
 
 DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}
 
