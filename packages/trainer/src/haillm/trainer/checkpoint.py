@@ -299,9 +299,14 @@ class Checkpointer:
         try:
             return self._save(step, final, tmp)
         except BaseException as e:  # DCP's CheckpointException is a BaseException
-            if isinstance(e, (KeyboardInterrupt, SystemExit)) or not (
-                    _disk_full(e) or _no_room_left(self.root)):
+            if isinstance(e, (KeyboardInterrupt, SystemExit)):
                 raise
+            if not (_disk_full(e) or _no_room_left(self.root)):
+                if isinstance(e, Exception):
+                    raise
+                cause = (str(e).strip().splitlines() or [type(e).__name__])[-1]  # the root
+                raise CheckpointError(f"saving {final} failed ({cause}); the partial "
+                                      f"{tmp.name} is never read") from e
             prev = [p.name for p in checkpoints(self.root) if p != final]
             raise CheckpointError(
                 f"no space left on device while saving {final} (the partial {tmp.name} is "
