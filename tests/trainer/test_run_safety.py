@@ -272,6 +272,25 @@ def test_second_signal_stops_at_once():
     assert signal.getsignal(signal.SIGINT) is signal.default_int_handler
 
 
+def test_ctrl_c_in_one_process_saves_and_exits_130(corpus, tmp_path, capsys):
+    out = tmp_path / "run"
+
+    def ctrl_c_after_2_steps():
+        while not (out / "metrics.jsonl").is_file() or len(steps_of(out)) < 2:
+            time.sleep(0.01)
+        os.kill(os.getpid(), signal.SIGINT)
+
+    threading.Thread(target=ctrl_c_after_2_steps, daemon=True).start()
+    assert train_main(cli(corpus, out, "--steps", "200")) == 130
+    err = capsys.readouterr().err
+    assert "Traceback" not in err and "SIGINT received: finishing this step" in err
+    k = steps_of(out)[-1]
+    assert f"stopped at step {k} (SIGINT); saved {out / 'checkpoints'}" in err
+    assert verify_checkpoint(checkpoints(out / "checkpoints")[-1])["step"] == k < 200
+    assert not (out / "model.safetensors").exists()  # no export: preemption is near
+    assert signal.getsignal(signal.SIGINT) is signal.default_int_handler  # restored
+
+
 STEPS = 10
 
 
