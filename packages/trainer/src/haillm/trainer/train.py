@@ -371,7 +371,7 @@ def _finish(summary, chunks, grid, cfg, out, tok, stream, t_start) -> dict:
         ran = summary["step"] - summary["start_step"]
         what = (f"{ran} steps" + (f" (resumed at step {summary['start_step']})"
                                   if summary["start_step"] else ""))
-        ck = f", checkpoints {summary['checkpoint']}" if summary["checkpoint"] else ""
+        ck = (f", newest checkpoint {summary['checkpoint']}" if summary["checkpoint"] else "")
         print(f"haillm-train: done: step {summary['step']}/{t.steps}, {what} in "
               f"{fmt_time(time.perf_counter() - t_start)}; {loss}{val}; "
               f"{summary['tokens']:,} tokens; model {out / 'model.safetensors'}, metrics "
