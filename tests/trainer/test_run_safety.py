@@ -256,6 +256,7 @@ def test_disk_full_on_a_real_tmpfs(corpus, tmp_path, capsys):
 
 # ------------------------------------------------------------------ 5: graceful stop
 def test_second_signal_stops_at_once():
+    before = signal.getsignal(signal.SIGINT)
     log = []
     with GracefulStop(log=log.append, debounce_s=0.0) as stop:
         os.kill(os.getpid(), signal.SIGINT)
@@ -269,11 +270,12 @@ def test_second_signal_stops_at_once():
         os.kill(os.getpid(), signal.SIGTERM)
         time.sleep(0.01)
         assert stop.name == "SIGTERM"
-    assert signal.getsignal(signal.SIGINT) is signal.default_int_handler
+    assert signal.getsignal(signal.SIGINT) is before  # restored
 
 
 def test_ctrl_c_in_one_process_saves_and_exits_130(corpus, tmp_path, capsys):
     out = tmp_path / "run"
+    before = signal.getsignal(signal.SIGINT)
 
     def ctrl_c_after_2_steps():
         while not (out / "metrics.jsonl").is_file() or len(steps_of(out)) < 2:
@@ -288,7 +290,7 @@ def test_ctrl_c_in_one_process_saves_and_exits_130(corpus, tmp_path, capsys):
     assert f"stopped at step {k} (SIGINT); saved {out / 'checkpoints'}" in err
     assert verify_checkpoint(checkpoints(out / "checkpoints")[-1])["step"] == k < 200
     assert not (out / "model.safetensors").exists()  # no export: preemption is near
-    assert signal.getsignal(signal.SIGINT) is signal.default_int_handler  # restored
+    assert signal.getsignal(signal.SIGINT) is before  # restored
 
 
 STEPS = 10

@@ -92,5 +92,17 @@ def launch_local(cfg: Config, nproc: int) -> dict | None:
     )
     if hasattr(lc, "shutdown_timeout"):  # torch >= 2.10: time to finish a step and save
         lc.shutdown_timeout = SHUTDOWN_TIMEOUT_S
-    results = elastic_launch(lc, _rank_main)(cfg.to_dict())
+    import signal
+
+    sigs = [getattr(signal, n) for n in ("SIGINT", "SIGTERM", "SIGHUP", "SIGQUIT")
+            if hasattr(signal, n)]
+    saved = {s: signal.getsignal(s) for s in sigs}  # torch's agent installs its own
+    try:
+        results = elastic_launch(lc, _rank_main)(cfg.to_dict())
+    finally:
+        for s, h in saved.items():
+            try:
+                signal.signal(s, h if h is not None else signal.SIG_DFL)
+            except (ValueError, OSError):  # not the main thread
+                pass
     return results.get(0)
