@@ -100,10 +100,16 @@ def test_damaged_checkpoint_refused_older_used(corpus, saved, uninterrupted, dam
 
 def test_failure_while_saving_keeps_previous(corpus, tmp_path, monkeypatch, uninterrupted):
     out = tmp_path / "run"
-    monkeypatch.setenv("HAILLM_CKPT_FAIL", "4")
+    ck = sys.modules["haillm.trainer.checkpoint"]
+
+    def fail_at_4(step, tmp):
+        if step == 4:
+            raise OSError(f"injected failure while saving checkpoint step {step}")
+
+    monkeypatch.setattr(ck, "_fault_point", fail_at_4)
     with pytest.raises(OSError, match="injected failure while saving checkpoint step 4"):
         train(run_cfg(corpus, out, extra=["run.save_every=2"]))
-    monkeypatch.delenv("HAILLM_CKPT_FAIL")
+    monkeypatch.undo()
     root = out / "checkpoints"
     assert (root / ".tmp-step_00000004").is_dir()  # the half-written one, never renamed
     assert [p.name for p in checkpoints(root)] == ["step_00000002"]

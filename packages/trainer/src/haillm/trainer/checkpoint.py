@@ -32,7 +32,9 @@ checksums are verified: a missing, truncated or corrupted file is refused with a
 from __future__ import annotations
 
 import contextlib
+import errno
 import hashlib
+import io
 import json
 import os
 import random
@@ -46,6 +48,7 @@ import torch
 import torch.distributed as dist
 
 from haillm.trainer.layout_map import from_logical, logical_shapes, to_logical
+from haillm.trainer.metrics import end_progress_line
 
 __all__ = ["CheckpointError", "Checkpointer", "checkpoints", "latest_checkpoint",
            "load_logical", "verify_checkpoint"]
@@ -91,11 +94,19 @@ def verify_checkpoint(path: Path) -> dict:
         raise CheckpointError(f"{path}: incomplete checkpoint (no manifest.json)")
     try:
         manifest = json.loads(man.read_text())
-    except ValueError as e:
+    except (ValueError, OSError) as e:
         raise CheckpointError(f"{path}: manifest.json is not valid JSON ({e})") from None
+    if not isinstance(manifest, dict):
+        raise CheckpointError(f"{path}: manifest.json is not a JSON object")
     if manifest.get("format") != FORMAT:
         raise CheckpointError(f"{path}: unknown format {manifest.get('format')!r}")
-    for rel, info in manifest["files"].items():
+    files = manifest.get("files")
+    if not isinstance(files, dict) or not files or not isinstance(manifest.get("step"), int) \
+            or not isinstance(manifest.get("config"), dict):
+        raise CheckpointError(f"{path}: manifest.json lacks its step, config or file list")
+    for rel, info in files.items():
+        if not isinstance(info, dict) or "bytes" not in info or "sha256" not in info:
+            raise CheckpointError(f"{path}: manifest.json has no size or checksum for {rel}")
         f = path / rel
         if not f.is_file():
             raise CheckpointError(f"{path}: missing file {rel} (the manifest lists it)")
@@ -119,39 +130,50 @@ def latest_checkpoint(root: Path, *, log=None) -> tuple[Path, dict] | None:
     return None
 
 
-def _resolve(path: Path) -> tuple[Path, dict]:
+def _resolve(path: Path, log=None) -> tuple[Path, dict]:
     """A checkpoint folder, or a run folder / its `checkpoints/` (newest complete one)."""
     path = Path(path)
+    log = log or (lambda s: print(s, file=sys.stderr))
     if (path / "manifest.json").is_file() or path.name.startswith("step_"):
         return path, verify_checkpoint(path)
+    refused = []
     for root in (path / "checkpoints", path):
-        found = latest_checkpoint(root, log=lambda s: print(s, file=sys.stderr))
+        found = latest_checkpoint(root, log=lambda s: (refused.append(s), log(s)))
         if found:
             return found
-    raise CheckpointError(f"no complete checkpoint under {path}")
+    raise CheckpointError(f"no complete checkpoint under {path}" +
+                          (f" ({len(refused)} refused, see above)" if refused else ""))
 
 
 def load_logical(path: Path, keys: dict[str, tuple[tuple[int, ...], torch.dtype]] | None = None,
-                 *, prefix: str = "master/") -> tuple[dict[str, torch.Tensor], dict]:
+                 *, prefix: str = "master/", log=None) -> tuple[dict[str, torch.Tensor], dict]:
     """Read full logical tensors from a checkpoint in one process (no process group needed).
 
     Args:
         path: a checkpoint folder, or a run folder (its newest complete checkpoint).
         keys: `{logical name: (shape, dtype)}` to read; default every key under `prefix`.
+        log: called with each refused checkpoint and with the one used (default: refusals
+            to stderr).
     Returns:
         (`{name: tensor}` without the prefix, the manifest).
     """
     import torch.distributed.checkpoint as dcp
     from torch.distributed.checkpoint import FileSystemReader
 
-    path, manifest = _resolve(path)
-    if keys is None:
-        meta = FileSystemReader(str(path)).read_metadata().state_dict_metadata
-        keys = {k[len(prefix):]: (tuple(v.size), v.properties.dtype) for k, v in meta.items()
-                if k.startswith(prefix)}
-    sd = {prefix + k: torch.empty(shape, dtype=dt) for k, (shape, dt) in keys.items()}
-    with _quiet_single_process():
-        dcp.load(sd, checkpoint_id=str(path), no_dist=True)
+    path, manifest = _resolve(path, log)
+    if log:
+        log(f"using checkpoint {path} (step {manifest['step']})")
+    try:
+        if keys is None:
+            meta = FileSystemReader(str(path)).read_metadata().state_dict_metadata
+            keys = {k[len(prefix):]: (tuple(v.size), v.properties.dtype)
+                    for k, v in meta.items() if k.startswith(prefix)}
+        sd = {prefix + k: torch.empty(shape, dtype=dt) for k, (shape, dt) in keys.items()}
+        with _quiet_single_process():
+            dcp.load(sd, checkpoint_id=str(path), no_dist=True)
+    except Exception as e:  # verified files that DCP still cannot read (another format)
+        raise CheckpointError(f"{path}: the tensors cannot be read "
+                              f"({type(e).__name__}: {str(e).strip().splitlines()[0]})") from e
     return {k[len(prefix):]: v for k, v in sd.items()}, manifest
 
 
@@ -245,7 +267,8 @@ class Checkpointer:
         self.sampler, self.scaler, self.keep = sampler, scaler, keep
         self.prefixes = [""] if len(chunks) == 1 else [f"{c}." for c in range(len(chunks))]
         self.root = Path(cfg.run.out) / "checkpoints"
-        self.log = lambda s: print(s, file=stream or sys.stderr, flush=True)
+        self.log = lambda s: (end_progress_line(), print(s, file=stream or sys.stderr,
+                                                          flush=True))
         self.writer = grid.dp_rank == 0 and grid.tp_rank == 0  # one writer per stage
         pids = Path(cfg.run.out) / "pids"  # so that operators (and tests) can find a rank
         pids.mkdir(parents=True, exist_ok=True)
@@ -266,11 +289,34 @@ class Checkpointer:
 
     # ---------------------------------------------------------------- save
     def save(self, step: int) -> Path:
-        """Write checkpoint `step` (collective). Returns its final folder."""
-        import torch.distributed.checkpoint as dcp
+        """Write checkpoint `step` (collective). Returns its final folder.
 
+        A full disk raises `CheckpointError('no space left on device while saving ...')`;
+        the older checkpoints are untouched (the partial `.tmp-*` folder is never read).
+        """
         name = f"step_{step:08d}"
         final, tmp = self.root / name, self.root / f".tmp-{name}"
+        try:
+            return self._save(step, final, tmp)
+        except BaseException as e:  # DCP's CheckpointException is a BaseException
+            if isinstance(e, (KeyboardInterrupt, SystemExit)):
+                raise
+            if not (_disk_full(e) or _no_room_left(self.root)):
+                if isinstance(e, Exception):
+                    raise
+                cause = (str(e).strip().splitlines() or [type(e).__name__])[-1]  # the root
+                raise CheckpointError(f"saving {final} failed ({cause}); the partial "
+                                      f"{tmp.name} is never read") from e
+            prev = [p.name for p in checkpoints(self.root) if p != final]
+            raise CheckpointError(
+                f"no space left on device while saving {final} (the partial {tmp.name} is "
+                f"never read; " + (f"the previous checkpoints {', '.join(prev)} are intact"
+                                   if prev else "no earlier checkpoint") +
+                "); free some space and continue with --resume") from e
+
+    def _save(self, step: int, final: Path, tmp: Path) -> Path:
+        import torch.distributed.checkpoint as dcp
+
         t0 = time.perf_counter()
         if self.grid.rank == 0:
             self.root.mkdir(parents=True, exist_ok=True)
@@ -289,14 +335,14 @@ class Checkpointer:
                     sd.update({f"{key}/{n}": t.cpu() for n, t in full.items()})
         with _quiet_single_process():
             dcp.save(sd, checkpoint_id=str(tmp), no_dist=not dist.is_initialized())
-        torch.save(_rng_state(), tmp / "rng" / f"rank_{self.grid.rank:05d}.pt")
+        _torch_save(_rng_state(), tmp / "rng" / f"rank_{self.grid.rank:05d}.pt")
         if self.grid.rank == 0:
             ts = {"step": step, "sampler": self.sampler.state_dict(), "optimizer": extra,
                   "scaler": self.scaler.state_dict() if self.scaler else None}
-            torch.save(ts, tmp / "trainer_state.pt")
+            _torch_save(ts, tmp / "trainer_state.pt")
         self._barrier()
         if self.grid.rank == 0:
-            _maybe_fail_for_test(step)
+            _fault_point(step, tmp)
             _fsync_tree(tmp)
             files = {str(p.relative_to(tmp)): {"bytes": p.stat().st_size, "sha256": _sha256(p)}
                      for p in sorted(tmp.rglob("*")) if p.is_file()}
@@ -311,7 +357,10 @@ class Checkpointer:
             if final.exists():  # a re-run of the same step: replace it only now
                 shutil.rmtree(final)
             os.rename(tmp, final)
-            for old in checkpoints(self.root)[:-self.keep] if self.keep > 0 else []:
+            # keep the newest `keep` up to this step; never count a later step (one that a
+            # resume from an older checkpoint left behind) as newer than this one
+            upto = [p for p in checkpoints(self.root) if int(p.name.split("_")[1]) <= step]
+            for old in upto[:-self.keep] if self.keep > 0 else []:
                 shutil.rmtree(old, ignore_errors=True)
             self.log(f"haillm: saved checkpoint {final} ({time.perf_counter() - t0:.1f} s)")
         self._barrier()
@@ -319,15 +368,30 @@ class Checkpointer:
 
     # ---------------------------------------------------------------- load
     def resume(self) -> int:
-        """Load the newest complete checkpoint (collective). Returns its step (0: none)."""
-        choice = [None]
+        """Load the newest complete checkpoint (collective). Returns its step (0: none).
+
+        Raises `CheckpointError` when checkpoints exist but none verifies (naming each
+        refusal), or when the newest one belongs to another model or run.
+        """
+        from haillm.trainer.runfolder import find_resume_checkpoint
+
+        choice: list = [None, None]
         if self.grid.rank == 0:
-            found = latest_checkpoint(self.root, log=self.log)
-            choice = [str(found[0]) if found else None]
+            try:
+                found = find_resume_checkpoint(self.root, log=self.log)
+                choice = [str(found[0]) if found else None, None]
+            except CheckpointError as e:
+                choice = [None, str(e)]
         if dist.is_initialized() and self.grid.world > 1:
             dist.broadcast_object_list(choice, src=0)
+        if choice[1] is not None:
+            raise CheckpointError(choice[1])
         if choice[0] is None:
-            self.log(f"haillm: --resume: no complete checkpoint in {self.root}; starting fresh")
+            if self.grid.rank == 0:
+                self.log(f"haillm: --resume: no checkpoint in {self.root}; starting fresh "
+                         "from step 0")
+                _trim_metrics(Path(self.cfg.run.out), 0)
+            self._barrier()
             return 0
         return self.load(Path(choice[0]))
 
@@ -335,13 +399,10 @@ class Checkpointer:
         """Load checkpoint `path` into this rank, resharding to the current layout."""
         import torch.distributed.checkpoint as dcp
 
+        from haillm.trainer.runfolder import check_same_run
+
         manifest = json.loads((Path(path) / "manifest.json").read_text())
-        saved_model, model = manifest["config"]["model"], self.cfg.to_dict()["model"]
-        diff = [f"{k} ({saved_model.get(k)} saved, {v} now)" for k, v in model.items()
-                if k in ("vocab_size", "hidden_size", "n_layers", "n_heads", "n_kv_heads",
-                         "intermediate_size") and saved_model.get(k) != v]
-        if diff:
-            raise CheckpointError(f"{path} holds another model: " + ", ".join(diff))
+        check_same_run(Path(path), manifest, self.cfg)
         shapes = {n: s for c in self.chunks for n, s in logical_shapes(c).items()}
         sd = {f"{k}/{n}": torch.empty(s, dtype=torch.float32) for k in KEYS
               for n, s in shapes.items()}
@@ -372,8 +433,43 @@ class Checkpointer:
         return int(ts["step"])
 
 
-def _maybe_fail_for_test(step: int) -> None:
-    """Fault injection for tests: `HAILLM_CKPT_FAIL=<step>` makes saving that step fail after
-    the tensors are written, before the manifest (a full disk or a crash at the worst time)."""
-    if os.environ.get("HAILLM_CKPT_FAIL") == str(step):
-        raise OSError(f"injected failure while saving checkpoint step {step}")
+def _fault_point(step: int, tmp: Path) -> None:
+    """Test-only hook, a no-op: called on rank 0 after every file of checkpoint `step` is
+    written into `tmp`, before the fsync and the manifest. Tests monkeypatch it to raise (a
+    full disk or a crash at the worst time); production code never changes it."""
+
+
+def _torch_save(obj, path: Path) -> None:
+    """`torch.save` through a Python file write, so that a full disk raises a plain
+    `OSError(ENOSPC)` (the C++ zip writer can abort the process instead)."""
+    buf = io.BytesIO()
+    torch.save(obj, buf)
+    with open(path, "wb") as f:
+        f.write(buf.getbuffer())
+
+
+def _no_room_left(root: Path, margin: int = 1 << 20) -> bool:
+    """Whether the filesystem of `root` has less than `margin` bytes left: torch's zip writer
+    reports a full disk as 'unexpected pos ...', not as ENOSPC."""
+    try:
+        st = os.statvfs(root)
+    except OSError:
+        return False
+    return st.f_bavail * st.f_frsize < margin
+
+
+def _disk_full(e: BaseException | None) -> bool:
+    """Whether `e` (or what caused it, or a DCP rank failure inside it) is a full disk."""
+    seen = set()
+    while e is not None and id(e) not in seen:
+        seen.add(id(e))
+        if isinstance(e, OSError) and e.errno in (errno.ENOSPC, errno.EDQUOT):
+            return True
+        text = str(e)
+        if "No space left on device" in text or "Disk quota exceeded" in text:
+            return True
+        for sub in (getattr(e, "failures", None) or {}).values():  # DCP's CheckpointException
+            if isinstance(sub, BaseException) and _disk_full(sub):
+                return True
+        e = e.__cause__ or e.__context__
+    return False

@@ -35,7 +35,14 @@ def train_parser() -> argparse.ArgumentParser:
     ap.add_argument("--out", help="run folder (config.toml, metrics.jsonl, tokenizer, weights)")
     ap.add_argument("--save-every", type=int, help="checkpoint every N steps")
     ap.add_argument("--exit-after", type=int, help="stop cleanly after step N")
-    ap.add_argument("--resume", action="store_true", help="continue from the newest checkpoint")
+    ap.add_argument("--resume", action="store_true", help="continue from the newest checkpoint "
+                    "that verifies (the same run: model, data, seed and optimizer settings "
+                    "must match; layout, --steps and the save cadence may change)")
+    ap.add_argument("--overwrite", action="store_true", help="if --out holds another run, "
+                    "move it aside to <out>.prev-<time> (nothing is deleted) and start afresh")
+    ap.add_argument("--allow-change", dest="allow_changes", action="append", default=[],
+                    metavar="KEY", help="with --resume: let config KEY (e.g. train.lr; or "
+                    "'all') differ from the checkpoint's (repeatable)")
     return ap
 
 
@@ -54,6 +61,16 @@ def build_config(args: argparse.Namespace) -> Config:
             setattr(getattr(cfg, section), key, v)
     if args.resume:
         cfg.run.resume = True
+    if args.allow_changes:
+        cfg.run.allow_changes = ",".join(
+            k for k in [*cfg.run.allow_changes.split(","), *args.allow_changes] if k.strip())
+    for flag in ("dp", "tp", "pp", "microbatches", "steps", "save_every", "exit_after"):
+        v = getattr(args, flag)
+        lo = 0 if flag in ("save_every", "exit_after") else 1
+        if v is not None and v < lo:
+            raise ConfigError(f"--{flag.replace('_', '-')} must be >= {lo}, got {v}"
+                              + (" (0: only at the end)" if flag == "save_every" else
+                                 " (0: run to the end)" if flag == "exit_after" else ""))
     p = cfg.parallel
     if args.nproc is not None and args.nproc < 1:
         raise ConfigError(f"--nproc must be >= 1, got {args.nproc}")
@@ -65,43 +82,119 @@ def build_config(args: argparse.Namespace) -> Config:
 
 
 def _fail(msg: str) -> int:
-    print(f"haillm-train: error: {msg}", file=sys.stderr)
+    from haillm.trainer.metrics import end_progress_line
+
+    end_progress_line()
+    print(f"haillm-train: error: {msg}", file=sys.stderr, flush=True)
     return 2
 
 
+def _os_error_text(e: OSError) -> str:
+    """`OSError` -> 'Permission denied: /path' (one line, no traceback)."""
+    if e.filename is not None and e.strerror:
+        return f"{e.strerror}: {e.filename}" + (f" -> {e.filename2}" if e.filename2 else "")
+    return str(e)
+
+
+def _exit_code(summary: dict | None) -> int:
+    """0, or 128 + the signal of a graceful stop (130 for SIGINT, 143 for SIGTERM)."""
+    import signal
+
+    stopped = (summary or {}).get("stopped")
+    return 128 + int(getattr(signal, stopped)) if stopped else 0
+
+
+def _newest(out: Path) -> tuple[str, int] | None:
+    from haillm.trainer.checkpoint import latest_checkpoint
+
+    found = latest_checkpoint(out / "checkpoints")
+    return (str(found[0]), int(found[1]["step"])) if found else None
+
+
+def _interrupted(cfg: Config | None, code: int, how: str) -> int:
+    """A stop that could not save: say what is kept, exit 128 + signal."""
+    from haillm.trainer.metrics import end_progress_line
+
+    end_progress_line()
+    nxt = ""
+    if cfg is not None:
+        found = _newest(Path(cfg.run.out))
+        nxt = (f"; the steps since step {found[1]} are lost; continue from {found[0]} with "
+               f"--resume" if found else "; no checkpoint was saved")
+    print(f"haillm-train: {how}{nxt}", file=sys.stderr, flush=True)
+    return code
+
+
+def _launcher_stopped(err, cfg: Config) -> int:
+    """The launcher got SIGINT/SIGTERM and passed it to the ranks, which stop gracefully
+    (rank 0 then prints 'stopped at step k; saved ...'). Exit 128 + the signal."""
+    import json
+    import signal
+
+    sig = int(getattr(err, "sigval", signal.SIGTERM))
+    out = Path(cfg.run.out)
+    found, logged = _newest(out), 0
+    try:
+        for ln in (out / "metrics.jsonl").read_text(encoding="utf-8").splitlines():
+            logged = max(logged, int(json.loads(ln).get("step", 0)))
+    except (OSError, ValueError):
+        pass
+    if found is None or found[1] < logged:  # the ranks did not get to save
+        return _interrupted(cfg, 128 + sig, f"stopped by {signal.Signals(sig).name} before "
+                            "the ranks could save")
+    return 128 + sig
+
+
 def train_main(argv: list[str] | None = None) -> int:
-    """`haillm-train`: see `--help`."""
+    """`haillm-train`: see `--help`.
+
+    Exit codes: 0 done; 2 bad input or a failed run (one `error:` line); 130 / 143 stopped by
+    SIGINT / SIGTERM (gracefully: a checkpoint of the last step was saved).
+    """
+    from haillm.trainer.checkpoint import CheckpointError
     from haillm.trainer.launch import init_from_env, launch_local, under_torchrun
 
     args = train_parser().parse_args(argv)
+    cfg = None
     try:
         cfg = build_config(args)
+        from haillm.trainer.train import check_device, train
+
         if under_torchrun():
             import os
 
             cfg.validate(int(os.environ["WORLD_SIZE"]))
+            check_device(cfg, int(os.environ.get("LOCAL_WORLD_SIZE", 1)))
             init_from_env(cfg.run.device)
-            from haillm.trainer.train import train
-
-            train(cfg)
-            return 0
+            return _exit_code(train(cfg, overwrite=args.overwrite))
         nproc = args.nproc or 1
         cfg.validate(nproc)
+        check_device(cfg, nproc)  # before tokenising: that can take a while
+        from haillm.trainer.runfolder import check_resume, prepare_run_folder
+
+        prepare_run_folder(cfg, log=lambda s: print(s, file=sys.stderr, flush=True),
+                           overwrite=args.overwrite)
+        if cfg.run.resume:
+            check_resume(cfg)  # refuse a damaged or foreign run before any rank starts
         # tokenise once here, so that the ranks only read the cache (and a bad corpus path
         # fails before any rank starts)
         from haillm.trainer.data import build_dataset
 
         build_dataset(cfg.data, cfg.model.vocab_size, cfg.model.seq_len, Path(cfg.run.out))
         if nproc == 1:
-            from haillm.trainer.train import train
-
-            train(cfg)
-        else:
-            launch_local(cfg, nproc)
-    except (ConfigError, NotImplementedError, FloatingPointError) as e:
+            return _exit_code(train(cfg))
+        launch_local(cfg, nproc)
+    except (ConfigError, CheckpointError, NotImplementedError, FloatingPointError) as e:
         return _fail(str(e))
-    except Exception as e:  # a rank died: torch's launcher stopped the others
-        if type(e).__name__ != "ChildFailedError":
+    except OSError as e:
+        return _fail(_os_error_text(e))
+    except KeyboardInterrupt:  # before training started, or a second Ctrl-C: at once
+        return _interrupted(cfg, 130, "interrupted: stopped at once")
+    except Exception as e:
+        name = type(e).__name__
+        if name == "SignalException" and cfg is not None:  # the launcher got SIGINT/SIGTERM
+            return _launcher_stopped(e, cfg)
+        if name != "ChildFailedError":  # a rank died: torch's launcher stopped the others
             raise
         return _fail(_rank_failure_message(e, Path(cfg.run.out)))
     return 0
@@ -128,7 +221,7 @@ def _rank_failure_message(err, out: Path) -> str:
             if isinstance(msg, dict):  # the rank's recorded exception: {"message": "Type: text"}
                 msg = msg.get("message", "")
             msg = str(msg or "").strip()
-            if msg and "To enable traceback" not in msg:
+            if msg and "To enable traceback" not in msg and msg != "<NONE>":
                 how += f" ({msg.splitlines()[-1]})"
             else:
                 how += " (its traceback is printed above)"
@@ -141,12 +234,16 @@ def _rank_failure_message(err, out: Path) -> str:
 
 def generate_main(argv: list[str] | None = None) -> int:
     """`haillm-generate`: sample from a checkpoint or a safetensors export (see `--help`)."""
+    from haillm.trainer.checkpoint import CheckpointError
     from haillm.trainer.generate import run_generate
 
     try:
         print(run_generate(argv))
-    except (ConfigError, FileNotFoundError, ValueError) as e:
+    except (ConfigError, CheckpointError, ValueError) as e:
         print(f"haillm-generate: error: {e}", file=sys.stderr)
+        return 2
+    except OSError as e:
+        print(f"haillm-generate: error: {_os_error_text(e)}", file=sys.stderr)
         return 2
     return 0
 

@@ -189,6 +189,9 @@ class RunConfig:
     """Save and exit cleanly after this step (0: run to the end)."""
     resume: bool = False
     """Continue from the newest complete checkpoint in `out`."""
+    allow_changes: str = ""
+    """Comma-separated config keys that `--resume` may find changed (e.g. `train.lr`), or
+    `all`; by default a resume must keep the model, data, seed and optimizer settings."""
     keep_checkpoints: int = 3
     """Complete checkpoints kept in `<out>/checkpoints` (older ones deleted; 0: keep all)."""
     sample_tokens: int = 48
@@ -215,9 +218,7 @@ class Config:
     def validate(self, world_size: int | None = None) -> None:
         """Raise `ConfigError` for a layout that does not divide the world or the model."""
         m, p, t = self.model, self.parallel, self.train
-        for name in ("dp", "tp", "pp", "microbatches", "chunks"):
-            if getattr(p, name) < 1:
-                raise ConfigError(f"parallel.{name} must be >= 1, got {getattr(p, name)}")
+        self.validate_ranges()
         n = p.dp * p.tp * p.pp
         if world_size is not None and n != world_size:
             raise ConfigError(
@@ -260,10 +261,63 @@ class Config:
         if self.run.device not in ("cpu", "cuda"):
             raise ConfigError(f"run.device must be cpu or cuda, got {self.run.device!r}")
 
+    def validate_ranges(self) -> None:
+        """Raise `ConfigError` for a value outside its range (a type alone is not enough:
+        `train.steps = -5` or `model.n_heads = 0` must never reach the trainer)."""
+        for (section, key), (lo, hi) in RANGES.items():
+            v = getattr(getattr(self, section), key)
+            if isinstance(v, float) and v != v:
+                raise ConfigError(f"{section}.{key} must be a number, got nan")
+            if (lo is not None and (v < lo[0] or (lo[1] and v == lo[0]))) or \
+                    (hi is not None and (v > hi[0] or (hi[1] and v == hi[0]))):
+                raise ConfigError(f"{section}.{key} must be {_range_text(lo, hi)}, got {v!r}"
+                                  f"{RANGE_HINTS.get((section, key), '')}")
+        for section, key, options in CHOICES:
+            v = getattr(getattr(self, section), key)
+            if v not in options:
+                raise ConfigError(f"{section}.{key} must be one of {', '.join(options)}, "
+                                  f"got {v!r}")
+
     @property
     def micro_batch_size(self) -> int:
         """Sequences per micro-batch on one data-parallel rank."""
         return self.train.global_batch // (self.parallel.dp * self.parallel.microbatches)
+
+
+# --------------------------------------------------------------------------- ranges
+# (section, key): (lower, upper) bounds, each (value, exclusive) or None
+_GE0, _GE1, _GT0 = ((0, False), None), ((1, False), None), ((0, True), None)
+RANGES: dict[tuple[str, str], tuple[tuple[float, bool] | None, tuple[float, bool] | None]] = {
+    **{("model", k): _GE1 for k in ("vocab_size", "hidden_size", "n_layers", "n_heads",
+                                     "n_kv_heads", "intermediate_size", "seq_len")},
+    **{("model", k): _GT0 for k in ("rope_theta", "norm_eps", "init_std")},
+    ("data", "max_corpus_mb"): _GT0,
+    ("data", "val_fraction"): ((0, False), (1, True)),
+    ("train", "steps"): _GE1, ("train", "global_batch"): _GE1, ("train", "lr"): _GE0,
+    ("train", "warmup_steps"): _GE0, ("train", "min_lr_ratio"): ((0, False), (1, False)),
+    ("train", "beta1"): ((0, False), (1, True)), ("train", "beta2"): ((0, False), (1, True)),
+    ("train", "eps"): _GT0, ("train", "weight_decay"): _GE0, ("train", "grad_clip"): _GE0,
+    ("train", "eval_every"): _GE0, ("train", "eval_batches"): _GE1,
+    **{("parallel", k): _GE1 for k in ("dp", "tp", "pp", "microbatches", "chunks")},
+    ("run", "log_every"): _GE1, ("run", "save_every"): _GE0, ("run", "exit_after"): _GE0,
+    ("run", "keep_checkpoints"): _GE0, ("run", "sample_tokens"): _GE0,
+}
+RANGE_HINTS = {("run", "save_every"): " (0: only at the end)",
+               ("run", "exit_after"): " (0: run to the end)",
+               ("run", "keep_checkpoints"): " (0: keep all)",
+               ("train", "eval_every"): " (0: no validation)"}
+CHOICES = [("data", "bin_dtype", ("uint16", "uint32")),
+           ("train", "precision", ("bf16", "fp16", "fp32")),
+           ("train", "schedule", ("multistep", "cosine", "constant")),
+           ("parallel", "pipeline_schedule", ("1f1b", "gpipe", "interleaved")),
+           ("parallel", "attention", ("auto", "tiled", "triton", "reference")),
+           ("run", "device", ("cpu", "cuda"))]
+
+
+def _range_text(lo, hi) -> str:
+    if hi is None:
+        return f"{'>' if lo[1] else '>='} {lo[0]}"
+    return f"in {'(' if lo[1] else '['}{lo[0]}, {hi[0]}{')' if hi[1] else ']'}"
 
 
 # --------------------------------------------------------------------------- presets
@@ -382,8 +436,14 @@ def load_config(preset: str | None = None, file: str | Path | None = None,
         path = Path(file)
         if not path.is_file():
             raise ConfigError(f"--config {str(path)!r}: no such file")
-        with path.open("rb") as fh:
-            apply_dict(cfg, tomllib.load(fh), source=str(path))
+        try:
+            with path.open("rb") as fh:
+                data = tomllib.load(fh)
+        except tomllib.TOMLDecodeError as e:
+            raise ConfigError(f"--config {str(path)!r} is not valid TOML: {e}") from None
+        except (OSError, UnicodeDecodeError) as e:
+            raise ConfigError(f"--config {str(path)!r} cannot be read: {e}") from None
+        apply_dict(cfg, data, source=str(path))
     return apply_overrides(cfg, overrides or [])
 
 

@@ -19,6 +19,7 @@ continuous batching, and fused decode-attention kernels.
 from __future__ import annotations
 
 import argparse
+import sys
 from pathlib import Path
 
 import torch
@@ -113,9 +114,12 @@ def generate(model: DeepSeekLM, tokens: torch.Tensor, max_new_tokens: int, *,
     return torch.cat(result, dim=1)
 
 
-def load_model(path: str | Path, *, dtype=torch.float32,
-               device="cpu") -> tuple[DeepSeekLM, Config, Path]:
+def load_model(path: str | Path, *, dtype=torch.float32, device="cpu",
+               log=None) -> tuple[DeepSeekLM, Config, Path]:
     """A full model from a checkpoint folder, a run folder or a `model.safetensors` export.
+
+    `log` is told every refused checkpoint and which one is used (default: refusals only,
+    on stderr). A damaged checkpoint raises `CheckpointError` naming what is wrong.
 
     Returns (model in eval mode, the run's config, the run folder holding the tokenizer).
     """
@@ -145,14 +149,20 @@ def load_model(path: str | Path, *, dtype=torch.float32,
     else:
         if not path.exists():
             raise FileNotFoundError(f"{path} does not exist")
-        state, manifest = load_logical(path)
+        state, manifest = load_logical(path, log=log)
         cfg = apply_dict(Config(), manifest["config"], source="checkpoint manifest")
         run = Path(cfg.run.out) if (Path(cfg.run.out) / "config.toml").is_file() else path
         for cand in (path, path.parent, path.parent.parent):
             if (cand / "tokenizer.json").is_file():
                 run = cand
     model = DeepSeekLM(cfg.model, lazy=True)  # meta parameters: nothing drawn, then replaced
-    model.load_state_dict(state, assign=True)
+    try:
+        model.load_state_dict(state, assign=True)
+    except RuntimeError as e:
+        from haillm.trainer.checkpoint import CheckpointError
+
+        raise CheckpointError(f"{path}: the weights do not fit the model its config describes "
+                              f"({str(e).strip().splitlines()[0]})") from None
     return model.to(device=device, dtype=dtype).eval(), cfg, run
 
 
@@ -196,7 +206,12 @@ def run_generate(argv: list[str] | None = None) -> str:
         raise ValueError(f"--max-new-tokens must be >= 0, got {a.max_new_tokens}")
     if a.top_k < 0:
         raise ValueError(f"--top-k must be >= 0 (0: the whole vocabulary), got {a.top_k}")
-    model, cfg, run = load_model(a.checkpoint, device=a.device)
+    if a.device not in ("cpu", "cuda") and not a.device.startswith("cuda:"):
+        raise ValueError(f"--device must be cpu or cuda, got {a.device!r}")
+    if a.device.startswith("cuda") and not torch.cuda.is_available():
+        raise ValueError("--device cuda: no CUDA GPU is visible to torch; use --device cpu")
+    model, cfg, run = load_model(a.checkpoint, device=a.device, log=lambda s: print(
+        f"haillm-generate: {s.removeprefix('haillm: ')}", file=sys.stderr, flush=True))
     tok_file = Path(a.tokenizer or cfg.data.tokenizer or run / "tokenizer.json")
     if not tok_file.is_file():
         raise FileNotFoundError(f"no tokenizer at {tok_file} (pass --tokenizer FILE)")

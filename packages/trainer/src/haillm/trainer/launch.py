@@ -20,7 +20,11 @@ import torch.distributed as dist
 
 from haillm.trainer.config import Config
 
-__all__ = ["init_from_env", "launch_local", "under_torchrun"]
+__all__ = ["SHUTDOWN_TIMEOUT_S", "init_from_env", "launch_local", "under_torchrun"]
+
+SHUTDOWN_TIMEOUT_S = 300
+"""On SIGINT/SIGTERM the launcher passes the signal to the ranks and waits this long for them
+to finish the step and save a checkpoint (then SIGKILL)."""
 
 
 def under_torchrun() -> bool:
@@ -53,9 +57,24 @@ def _rank_main(cfg_dict: dict) -> dict | None:
     init_from_env(cfg.run.device)
     try:
         summary = train(cfg)
+    except KeyboardInterrupt:  # a second Ctrl-C: at once, quietly (the launcher reports)
+        import sys
+
+        sys.stdout.flush()
+        sys.stderr.flush()
+        os._exit(130)
     finally:
         if dist.is_initialized():
             dist.destroy_process_group()
+    if summary.get("stopped"):
+        # a graceful stop: the launcher, which passed the signal on, no longer collects
+        # return values (torch's worker would wait for it until killed): exit now
+        import signal
+        import sys
+
+        sys.stdout.flush()
+        sys.stderr.flush()
+        os._exit(128 + int(getattr(signal, summary["stopped"])))
     return summary if int(os.environ.get("RANK", 0)) == 0 else None
 
 
@@ -71,5 +90,19 @@ def launch_local(cfg: Config, nproc: int) -> dict | None:
         rdzv_backend="c10d", rdzv_endpoint=f"127.0.0.1:{_free_port()}", max_restarts=0,
         monitor_interval=0.5, start_method="spawn",
     )
-    results = elastic_launch(lc, _rank_main)(cfg.to_dict())
+    if hasattr(lc, "shutdown_timeout"):  # torch >= 2.10: time to finish a step and save
+        lc.shutdown_timeout = SHUTDOWN_TIMEOUT_S
+    import signal
+
+    sigs = [getattr(signal, n) for n in ("SIGINT", "SIGTERM", "SIGHUP", "SIGQUIT")
+            if hasattr(signal, n)]
+    saved = {s: signal.getsignal(s) for s in sigs}  # torch's agent installs its own
+    try:
+        results = elastic_launch(lc, _rank_main)(cfg.to_dict())
+    finally:
+        for s, h in saved.items():
+            try:
+                signal.signal(s, h if h is not None else signal.SIG_DFL)
+            except (ValueError, OSError):  # not the main thread
+                pass
     return results.get(0)

@@ -5,12 +5,19 @@ Model FLOPs per token (what MFU counts; recomputation is not "useful" work):
 embedding table (a lookup, no matmul; the untied head is a real GEMM and counts), and the
 second term is the attention score and value products (PaLM's appendix B convention,
 counted as if not causal). MFU = achieved model FLOP/s / peak FLOP/s of the devices used.
+
+On a GPU the peak is the data sheet's dense tensor-core number. On a CPU there is no data
+sheet: the peak is an fp32 matmul measured per core and multiplied by the cores in use. A
+measurement taken while other jobs load the machine reads low (and MFU high), so the best
+value ever measured on this CPU is cached (`~/.cache/haillm/cpu-peak.json`) and used: MFU on
+CPU is "the share of the best matmul speed this CPU has shown".
 """
 
 from __future__ import annotations
 
 import json
 import os
+import platform
 import sys
 import time
 from pathlib import Path
@@ -20,7 +27,7 @@ import torch
 from haillm.trainer.config import ModelConfig
 
 __all__ = ["DEVICE_PEAK_TFLOPS", "MetricsLogger", "device_peak_flops", "flops_per_token",
-           "measure_cpu_peak"]
+           "fmt_time", "measure_cpu_peak"]
 
 # dense peak TFLOP/s (no sparsity), per GPU: (bf16/fp16 tensor cores, fp32 via TF32)
 DEVICE_PEAK_TFLOPS = {
@@ -64,18 +71,78 @@ def device_peak_flops(device: str, precision: str, world: int) -> tuple[float, s
                 return per * world, f"{name}: {per / 1e12:.0f} TFLOP/s x {world} (table)"
         return float("nan"), f"{name}: not in the peak table"
     cores = min(world * torch.get_num_threads(), os.cpu_count() or 1)
-    per = measure_cpu_peak(1)
-    return per * cores, f"CPU: measured fp32 matmul {per / 1e9:.1f} GFLOP/s/core x {cores} cores"
+    now = measure_cpu_peak(1)
+    per = _best_cpu_peak(now)
+    how = "measured now" if per == now else f"best seen on this CPU; {now / 1e9:.1f} now"
+    return per * cores, (f"CPU: fp32 matmul {per / 1e9:.1f} GFLOP/s/core ({how}) x {cores} "
+                         "cores")
 
 
-def _fmt_time(s: float) -> str:
+def _cpu_key() -> str:
+    name = platform.processor() or platform.machine()
+    try:
+        with open("/proc/cpuinfo") as f:
+            name = next((ln.split(":", 1)[1].strip() for ln in f if ln.startswith("model name")),
+                        name)
+    except OSError:
+        pass
+    return f"{name} | torch {torch.__version__.split('+')[0]}"
+
+
+def _best_cpu_peak(measured: float) -> float:
+    """max(measured, the cached best for this CPU); the cache keeps the max (best effort)."""
+    path = Path(os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache") / "haillm" / \
+        "cpu-peak.json"
+    key = _cpu_key()
+    try:
+        table = json.loads(path.read_text())
+        best = float(table.get(key, 0.0))
+    except (OSError, ValueError, AttributeError):
+        table, best = {}, 0.0
+    if measured > best:
+        try:
+            path.parent.mkdir(parents=True, exist_ok=True)
+            tmp = path.with_name(f".{path.name}.{os.getpid()}")
+            tmp.write_text(json.dumps({**table, key: measured}))
+            os.replace(tmp, path)
+        except OSError:
+            pass
+    return max(measured, best)
+
+
+def fmt_time(s: float) -> str:
     s = int(max(s, 0))
     return f"{s // 3600}h{s % 3600 // 60:02d}m" if s >= 3600 else f"{s // 60}m{s % 60:02d}s"
 
 
+_fmt_time = fmt_time  # the old private name
+
+
+class _Console:
+    """The progress line on a terminal stays open (updated in place with '\\r'); anything
+    else printed meanwhile (a saved checkpoint, a warning) first ends it."""
+
+    open_stream = None
+
+    @classmethod
+    def end_line(cls) -> None:
+        if cls.open_stream is not None:
+            try:
+                print(file=cls.open_stream, flush=True)
+            except (OSError, ValueError):
+                pass
+            cls.open_stream = None
+
+
+def end_progress_line() -> None:
+    """End an open in-place progress line before printing something else."""
+    _Console.end_line()
+
+
 class MetricsLogger:
     """Rank 0's logs: one JSON object per optimizer step in `<out>/metrics.jsonl` (appended),
-    a progress line on stdout, TensorBoard scalars when `tensorboard` is installed."""
+    a progress line on stdout (updated in place on a terminal, one line per step otherwise),
+    TensorBoard scalars when `tensorboard` is installed."""
 
     def __init__(self, out: Path, total_steps: int, *, enabled: bool = True,
                  tensorboard: bool = True, log_every: int = 1, stream=None):
@@ -83,6 +150,12 @@ class MetricsLogger:
         self.stream = stream or sys.stdout
         self.t_start = time.perf_counter()
         self.first_step_time: float | None = None
+        self._last_t: float | None = None
+        self._durations: list[float] = []
+        try:
+            self.tty = bool(self.stream.isatty())
+        except (AttributeError, ValueError):
+            self.tty = False
         self.tb = None
         if not enabled:
             return
@@ -108,25 +181,38 @@ class MetricsLogger:
                     self.tb.add_scalar(k, v, step)
         if "loss" not in record:
             return
-        if self.first_step_time is None:
-            self.first_step_time = time.perf_counter()
-            done0 = step
-            self._done0 = done0
+        now = time.perf_counter()
+        # seconds per step: wall time between log calls (evaluation and saves included); the
+        # first step of this process (or of a resume) has only its own step time to go on
+        if self._last_t is None:
+            self.first_step_time = now
+            self._durations.append(float(record.get("step_time_s", 0.0)))
+        else:
+            self._durations.append(now - self._last_t)
+            if len(self._durations) == 2:
+                self._durations.pop(0)  # the first step (warm-up) is not typical
+        self._last_t = now
         if step % self.log_every and step != self.total:
             return
+        recent = self._durations[-20:]
+        eta = sum(recent) / len(recent) * (self.total - step)
         frac = step / max(self.total, 1)
         bar = "#" * int(20 * frac) + "-" * (20 - int(20 * frac))
-        elapsed = time.perf_counter() - self.first_step_time
-        per = elapsed / max(step - self._done0, 1)
-        eta = per * (self.total - step)
         val = f" | val {record['val_loss']:.3f}" if "val_loss" in record else ""
-        print(f"[{bar}] step {step}/{self.total} | loss {record['loss']:.4f}{val} | "
-              f"lr {record['lr']:.2e} | gnorm {record['grad_norm']:.2f} | "
-              f"{record['tokens_per_s']:,.0f} tok/s | MFU {100 * record['mfu']:.2f}% | "
-              f"comm {100 * record.get('comm_fraction', 0):.0f}% | ETA {_fmt_time(eta)}",
-              file=self.stream, flush=True)
+        line = (f"[{bar}] step {step}/{self.total} | loss {record['loss']:.4f}{val} | "
+                f"lr {record['lr']:.2e} | gnorm {record['grad_norm']:.2f} | "
+                f"{record['tokens_per_s']:,.0f} tok/s | MFU {100 * record['mfu']:.2f}% | "
+                f"comm {100 * record.get('comm_fraction', 0):.0f}% | ETA {fmt_time(eta)}")
+        if self.tty:  # in place; a validation result stays on screen
+            print("\r" + line + "\x1b[K", end="", file=self.stream, flush=True)
+            _Console.open_stream = self.stream
+            if val or step == self.total:
+                _Console.end_line()
+        else:
+            print(line, file=self.stream, flush=True)
 
     def close(self) -> None:
+        _Console.end_line()
         if self.enabled:
             self.file.close()
             if self.tb is not None:

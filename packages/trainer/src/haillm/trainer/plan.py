@@ -228,6 +228,8 @@ def run_plan(argv: list[str] | None = None) -> str:
     for name in ("dp", "tp", "pp", "microbatches", "micro_batch_size"):
         if getattr(a, name) < 1:
             raise ConfigError(f"--{name.replace('_', '-')} must be >= 1, got {getattr(a, name)}")
+    if a.seq_len is not None and a.seq_len < 1:
+        raise ConfigError(f"--seq-len must be >= 1, got {a.seq_len}")
     lay = Layout(dp=a.dp, tp=a.tp, pp=a.pp, microbatches=a.microbatches,
                  micro_batch_size=a.micro_batch_size, seq_len=a.seq_len,
                  precision=a.precision, sequence_parallel=not a.no_sp, zero=not a.no_zero,

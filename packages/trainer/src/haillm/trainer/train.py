@@ -13,6 +13,9 @@ from __future__ import annotations
 
 import math
 import os
+import signal
+import sys
+import threading
 import time
 from pathlib import Path
 
@@ -20,30 +23,90 @@ import torch
 import torch.distributed as dist
 
 from haillm.trainer.checkpoint import Checkpointer
-from haillm.trainer.config import Config, dump_toml
+from haillm.trainer.config import Config, ConfigError, dump_toml
 from haillm.trainer.data import Sampler, build_dataset
 from haillm.trainer.grid import Grid
-from haillm.trainer.metrics import MetricsLogger, device_peak_flops, flops_per_token
+from haillm.trainer.metrics import (
+    MetricsLogger,
+    device_peak_flops,
+    end_progress_line,
+    flops_per_token,
+)
 from haillm.trainer.model import StageModel, gather_full_state, split_layers
 from haillm.trainer.ops import Ops
 from haillm.trainer.optim import lr_at, make_optimizer
 from haillm.trainer.pipeline_exec import PipelineStep, StepTimes
 from haillm.trainer.reference import DeepSeekLM
 
-__all__ = ["DTYPES", "evaluate", "train"]
+__all__ = ["DTYPES", "GracefulStop", "check_device", "evaluate", "train"]
 
 DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}
 
 
-def _world_sum(x: float, grid: Grid) -> float:
+def _world_sums(xs: list[float], grid: Grid) -> list[float]:
+    """Element-wise sums over all ranks (one all-reduce)."""
     if grid.world == 1:
-        return x
+        return list(xs)
     # NCCL reduces only CUDA tensors; gloo takes CPU ones
     dev = torch.device("cuda", torch.cuda.current_device()) if (
         dist.get_backend() == "nccl") else torch.device("cpu")
-    t = torch.tensor([x], dtype=torch.float64, device=dev)
+    t = torch.tensor(xs, dtype=torch.float64, device=dev)
     dist.all_reduce(t)
-    return t.item()
+    return t.tolist()
+
+
+def _world_sum(x: float, grid: Grid) -> float:
+    return _world_sums([x], grid)[0]
+
+
+class GracefulStop:
+    """SIGINT / SIGTERM handlers for the training loop (installed in the main thread only).
+
+    The first signal only sets `signum`: the loop finishes the step it is in, every rank
+    agrees on that step (the flags are summed with the step's loss, no extra collective),
+    saves a checkpoint and returns. A second signal, at least `debounce_s` later (one Ctrl-C
+    reaches a rank from the terminal and again from the launcher within milliseconds),
+    stops at once: `KeyboardInterrupt` for SIGINT, `SystemExit(143)` for SIGTERM.
+    """
+
+    SIGNALS = (signal.SIGINT, signal.SIGTERM)
+
+    def __init__(self, log=None, debounce_s: float = 1.0):
+        self.log, self.debounce_s = log, debounce_s
+        self.signum: int | None = None
+        self._t = 0.0
+        self._old: dict = {}
+
+    def __enter__(self) -> GracefulStop:
+        if threading.current_thread() is threading.main_thread():
+            for s in self.SIGNALS:
+                self._old[s] = signal.signal(s, self._handle)
+        return self
+
+    def __exit__(self, *exc) -> None:
+        for s, h in self._old.items():
+            signal.signal(s, h)
+        self._old = {}
+
+    def _handle(self, signum, frame) -> None:
+        now = time.monotonic()
+        if self.signum is None:
+            self.signum, self._t = signum, now
+            if self.log:
+                self.log(f"haillm-train: {signal.Signals(signum).name} received: finishing "
+                         "this step, then saving a checkpoint (interrupt again to stop at "
+                         "once, losing the steps since the last checkpoint)")
+            return
+        if now - self._t < self.debounce_s:
+            return  # the same signal, delivered twice
+        self.__exit__()
+        if signum == signal.SIGINT:
+            raise KeyboardInterrupt
+        raise SystemExit(128 + signum)
+
+    @property
+    def name(self) -> str | None:
+        return signal.Signals(self.signum).name if self.signum else None
 
 
 @torch.no_grad()
@@ -102,16 +165,50 @@ def _gather_model(chunks: list[StageModel], grid: Grid, cfg: Config) -> DeepSeek
     return model.eval()
 
 
-def train(cfg: Config, *, stream=None) -> dict:
-    """Run the configured training on this rank; returns a summary (losses on rank 0)."""
+def check_device(cfg: Config, nproc: int = 1) -> None:
+    """Raise `ConfigError` when `run.device` cannot host `nproc` local ranks (before any
+    expensive work: tokenising, launching)."""
+    if cfg.run.device == "cuda":
+        if not torch.cuda.is_available():
+            raise ConfigError("--device cuda: no CUDA GPU is visible to torch "
+                              "(torch.cuda.is_available() is False); use --device cpu")
+        if torch.cuda.device_count() < nproc:
+            raise ConfigError(f"--device cuda: {nproc} local ranks need {nproc} GPUs, "
+                              f"{torch.cuda.device_count()} visible")
+
+
+def _say(stream):
+    return lambda s: (end_progress_line(), print(s, file=stream or sys.stderr, flush=True))
+
+
+def train(cfg: Config, *, stream=None, overwrite: bool = False) -> dict:
+    """Run the configured training on this rank; returns a summary (losses on rank 0).
+
+    A run folder that holds another run is refused (`ConfigError`) unless `run.resume`
+    continues it or `overwrite` moves it aside (`haillm.trainer.runfolder`). SIGINT/SIGTERM
+    stop gracefully after the current step with a checkpoint (`summary["stopped"]`).
+    """
+    from haillm.trainer.runfolder import prepare_run_folder
+
     world = dist.get_world_size() if dist.is_initialized() else 1
     cfg.validate(world)
     p, t, m = cfg.parallel, cfg.train, cfg.model
+    check_device(cfg, int(os.environ.get("LOCAL_WORLD_SIZE", 1)) if world > 1 else 1)
     grid = Grid.create(p.dp, p.tp, p.pp)
     out = Path(cfg.run.out)
     is_rank0 = grid.rank == 0
+    t_start = time.perf_counter()
+    problem = [None]
     if is_rank0:
-        out.mkdir(parents=True, exist_ok=True)
+        try:
+            prepare_run_folder(cfg, log=_say(stream), overwrite=overwrite)
+        except (ConfigError, OSError) as e:
+            problem = [str(e)]
+    if grid.world > 1:
+        dist.broadcast_object_list(problem, src=0)
+    if problem[0] is not None:
+        raise ConfigError(problem[0])
+    if is_rank0:
         (out / "config.toml").write_text(dump_toml(cfg), encoding="utf-8")
     device = torch.device(cfg.run.device)
     if device.type == "cuda":
@@ -179,49 +276,75 @@ def train(cfg: Config, *, stream=None) -> dict:
     losses: list[float] = []
     val_losses: list[tuple[int, float]] = []
     last = t.steps if not cfg.run.exit_after else min(cfg.run.exit_after, t.steps)
-    for step in range(start, last):
-        t0 = time.perf_counter()
-        opt.comm_time = 0.0
-        times = StepTimes()
-        idx = sampler.next_global()
-        micro = Sampler.shard(idx, p.dp, grid.dp_rank, p.microbatches)
-        batches = [ds.batch(mb) for mb in micro]
-        xs = [b[0].to(device) for b in batches]
-        ys = [b[1].to(device) for b in batches]
-        lr = lr_at(step, t)
-        scale = opt.loss_scale
-        loss_sum = pkg_step(xs, ys, loss_scale=scale, times=times)
-        gnorm, found_inf = opt.step(lr, inv_scale=1.0 / scale)
-        mine = loss_sum.item() if (grid.is_last_stage and grid.tp_rank == 0) else 0.0
-        loss = _world_sum(mine, grid) / p.dp
-        if not math.isfinite(loss) and t.precision != "fp16":
-            raise FloatingPointError(f"non-finite loss {loss} at step {step + 1}")
-        if found_inf and t.precision != "fp16":  # no loss scaler to back off: stop, don't skip
-            raise FloatingPointError(f"non-finite gradient norm {gnorm} at step {step + 1} "
-                                     f"({t.precision}: only fp16 skips such steps)")
-        dt = time.perf_counter() - t0
-        rec = {"step": step + 1, "loss": loss, "lr": lr, "grad_norm": gnorm,
-               "tokens_per_s": tokens_per_step / dt, "mfu": flops_step / dt / peak,
-               "step_time_s": dt, "comm_s": opt.comm_time + times.p2p,
-               "compute_s": times.compute,
-               "comm_fraction": (opt.comm_time + times.p2p) / dt, "skipped": bool(found_inf)}
-        if t.precision == "fp16":
-            rec["loss_scale"] = opt.loss_scale
-        if t.eval_every and ((step + 1) % t.eval_every == 0 or step + 1 == t.steps):
-            v = evaluate(chunks, ds, grid, cfg, act_shape=act_shape, dtype=dtype)
-            rec["val_loss"] = v
-            val_losses.append((step + 1, v))
-        losses.append(loss)
-        log.log(rec)
-        if found_inf and is_rank0:
-            print(f"haillm-train: step {step + 1}: non-finite gradients, update skipped "
-                  f"(loss scale now {rec.get('loss_scale')})", file=stream, flush=True)
-        if ckpt.should_save(step + 1, last):
-            ckpt.save(step + 1)
+    stop = GracefulStop(log=_say(stream) if is_rank0 else None)
+    done, saved = start, None
+    with stop:
+        for step in range(start, last):
+            t0 = time.perf_counter()
+            opt.comm_time = 0.0
+            times = StepTimes()
+            idx = sampler.next_global()
+            micro = Sampler.shard(idx, p.dp, grid.dp_rank, p.microbatches)
+            batches = [ds.batch(mb) for mb in micro]
+            xs = [b[0].to(device) for b in batches]
+            ys = [b[1].to(device) for b in batches]
+            lr = lr_at(step, t)
+            scale = opt.loss_scale
+            loss_sum = pkg_step(xs, ys, loss_scale=scale, times=times)
+            gnorm, found_inf = opt.step(lr, inv_scale=1.0 / scale)
+            mine = loss_sum.item() if (grid.is_last_stage and grid.tp_rank == 0) else 0.0
+            # the stop requests ride along with the loss: every rank stops after the same step
+            n_int, n_term = float(stop.signum == signal.SIGINT), float(stop.signum == signal.SIGTERM)
+            loss, n_int, n_term = _world_sums([mine, n_int, n_term], grid)
+            loss /= p.dp
+            stops = n_int + n_term
+            if not math.isfinite(loss) and t.precision != "fp16":
+                raise FloatingPointError(f"non-finite loss {loss} at step {step + 1}")
+            if found_inf and t.precision != "fp16":  # no loss scaler to back off: stop, don't skip
+                raise FloatingPointError(f"non-finite gradient norm {gnorm} at step {step + 1} "
+                                         f"({t.precision}: only fp16 skips such steps)")
+            dt = time.perf_counter() - t0
+            rec = {"step": step + 1, "loss": loss, "lr": lr, "grad_norm": gnorm,
+                   "tokens_per_s": tokens_per_step / dt, "mfu": flops_step / dt / peak,
+                   "step_time_s": dt, "comm_s": opt.comm_time + times.p2p,
+                   "compute_s": times.compute,
+                   "comm_fraction": (opt.comm_time + times.p2p) / dt, "skipped": bool(found_inf)}
+            if t.precision == "fp16":
+                rec["loss_scale"] = opt.loss_scale
+            if t.eval_every and ((step + 1) % t.eval_every == 0 or step + 1 == t.steps):
+                v = evaluate(chunks, ds, grid, cfg, act_shape=act_shape, dtype=dtype)
+                rec["val_loss"] = v
+                val_losses.append((step + 1, v))
+            losses.append(loss)
+            log.log(rec)
+            if found_inf and is_rank0:
+                print(f"haillm-train: step {step + 1}: non-finite gradients, update skipped "
+                      f"(loss scale now {rec.get('loss_scale')})", file=stream, flush=True)
+            done = step + 1
+            if stops > 0 or ckpt.should_save(done, last):
+                saved = ckpt.save(done)
+            if stops > 0:
+                if stop.signum is None:  # another rank got the signal: this one stops with it
+                    stop.signum = signal.SIGINT if n_int else signal.SIGTERM
+                break
     log.close()
-
     summary = {"losses": losses, "val_losses": val_losses, "sample": None,
-               "state_bytes": opt.state_bytes()}
+               "state_bytes": opt.state_bytes(), "step": done, "stopped": None,
+               "checkpoint": str(saved) if saved else None,
+               "tokens": done * tokens_per_step, "start_step": start}
+    if stop.signum is not None and done < last:
+        # a graceful stop: the checkpoint is what matters (preemption is near); no export
+        summary["stopped"] = stop.name
+        if is_rank0:
+            _say(stream)(f"haillm-train: stopped at step {done} ({stop.name}); saved {saved}; "
+                         f"continue with --resume")
+        return summary
+    return _finish(summary, chunks, grid, cfg, out, tok, stream, t_start)
+
+
+def _finish(summary, chunks, grid, cfg, out, tok, stream, t_start) -> dict:
+    """End of the run: the unsharded weights, a sample, one summary line (rank 0)."""
+    t, is_rank0 = cfg.train, grid.rank == 0
     model = _gather_model(chunks, grid, cfg)  # collective: every rank takes part
     if is_rank0 and model is not None:
         try:
@@ -239,4 +362,20 @@ def train(cfg: Config, *, stream=None) -> dict:
             summary["sample"] = text
             print("---- sample " + "-" * 60 + "\n" + text + "\n" + "-" * 72,
                   file=stream, flush=True)
+    if is_rank0:
+        from haillm.trainer.metrics import fmt_time
+
+        losses, vals = summary["losses"], summary["val_losses"]
+        loss = f"final train loss {losses[-1]:.4f}" if losses else "no step run"
+        val = f", val loss {vals[-1][1]:.4f}" if vals else ""
+        ran = summary["step"] - summary["start_step"]
+        what = (f"{ran} steps" + (f" (resumed at step {summary['start_step']})"
+                                  if summary["start_step"] else ""))
+        ck = (f", newest checkpoint {summary['checkpoint']}" if summary["checkpoint"] else "")
+        print(f"haillm-train: done: step {summary['step']}/{t.steps}, {what} in "
+              f"{fmt_time(time.perf_counter() - t_start)}; {loss}{val}; "
+              f"{summary['tokens']:,} tokens; model {out / 'model.safetensors'}, metrics "
+              f"{out / 'metrics.jsonl'}{ck}"
+              + ("; continue with --resume" if summary["step"] < t.steps else ""),
+              file=stream or sys.stdout, flush=True)
     return summary
