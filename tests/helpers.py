@@ -30,6 +30,9 @@ import torch
 from haillm.parallel.testing import RankFailure, free_port, run_distributed
 
 __all__ = [
+    "PLAN_RTOL",
+    "RUN_RTOL",
+    "RUN_WEIGHT_ATOL",
     "TOL",
     "RankFailure",
     "assert_close",
@@ -47,6 +50,19 @@ TOL: dict[torch.dtype, dict[str, float]] = {
     torch.float16: dict(atol=2e-3, rtol=2e-3),
     torch.bfloat16: dict(atol=2e-2, rtol=2e-2),
 }
+
+
+# Two fp32 training runs of the same model that differ only in the order of their reductions
+# (another layout, a resharded resume) agree per step, in loss and gradient norm, within this
+# relative bound: the spec of the composition (issue 15). Per step, a reordered sum of n terms
+# moves by at most sum_rounding(n) eps32 of its Sigma|terms| (~3e-6 for the n ~ 1e4 terms of
+# the micro model's gradient sums), and the handful of steps these tests run let Adam amplify
+# that by the update's sensitivity to its gradient (O(10) for the normalised m / sqrt(v)).
+RUN_RTOL = 1e-4
+# The same, for weights after such runs: RUN_RTOL of the largest weight (|w| <= 2 here).
+RUN_WEIGHT_ATOL = 2 * RUN_RTOL
+# The memory planner against the measured peak: the spec (issues 16, 17): within 15 %.
+PLAN_RTOL = 0.15
 
 
 def tol(dtype: torch.dtype) -> dict[str, float]:

@@ -17,7 +17,7 @@ from haillm.trainer.grid import Grid
 from haillm.trainer.ops import Ops
 from haillm.trainer.optim import make_optimizer
 from haillm.trainer.plan import Layout, activation_bytes, plan, state_bytes
-from tests.helpers import run_distributed
+from tests.helpers import PLAN_RTOL, run_distributed
 
 B = 2
 
@@ -73,8 +73,8 @@ def _measure(dp, tp, pp, sp, attention="reference"):
 def _check(res, what):
     measured, planned, acts, act_plan = res
     for k in ("params", "grads", "optimizer"):
-        assert planned[k] == pytest.approx(measured[k], rel=0.15), f"{what}: {k}"
-    assert act_plan == pytest.approx(acts, rel=0.15), f"{what}: activations"
+        assert planned[k] == pytest.approx(measured[k], rel=PLAN_RTOL), f"{what}: {k}"
+    assert act_plan == pytest.approx(acts, rel=PLAN_RTOL), f"{what}: activations"
 
 
 @pytest.mark.parametrize("attention", ["reference", "tiled"])
