@@ -67,27 +67,41 @@ def _validate(logits, target, ignore_index, reduction, label_smoothing, z_loss):
 
 
 def _rows_torch(x2d, t, n_valid, *, ignore_index, label_smoothing, z_loss, mean, write_grad):
-    """PyTorch path, a chunk of rows at a time: per-row loss and lse; grad over x2d if asked."""
+    """PyTorch path, a chunk of rows at a time: the per-row loss; the grad over x2d if asked.
+
+    The softmax is `exp(x - max) / sum`, not `exp(x - lse)`: `x - max` is exact in fp32 (two
+    nearby floats), while `x - lse` carries the rounding of `lse`, which is ~|x| ulp(|x|) and
+    becomes a relative error of every probability (130x torch's at logits ~ 400).
+    """
     N, V = x2d.shape
     losses = torch.empty(N, dtype=torch.float32, device=x2d.device)
-    lses = torch.empty_like(losses)
     eps = label_smoothing
     rows = max(1, CHUNK_ELEMENTS // V)
+    # "mean" over no valid row: the loss is 0/0 = NaN (as F.cross_entropy) but the gradient
+    # is 0, not 0 * inf: an all-padding micro-batch must not poison the weights.
+    inv_n = 1.0 / n_valid.clamp(min=1.0)
     for i in range(0, N, rows):
         xc, tc = x2d[i:i + rows], t[i:i + rows]
         x = xc.float()                                   # (n, V) fp32: a copy unless fp32
         valid = tc != ignore_index
         ts = torch.where(valid, tc, 0).long().unsqueeze(1)  # (n, 1) safe indices
-        lse = torch.logsumexp(x, dim=1)                  # (n,)
-        loss = lse - (1.0 - eps) * x.gather(1, ts).squeeze(1)
+        x_t = x.gather(1, ts).squeeze(1)
+        sum_x = x.sum(1) if eps else None
+        if write_grad:
+            m = x.amax(1, keepdim=True)
+            p = x.sub_(m).exp_()                         # over xc if fp32: x is consumed
+            s = p.sum(1, keepdim=True)
+            lse = (m + s.log()).squeeze(1)
+            p.div_(s)                                    # softmax
+        else:
+            lse = torch.logsumexp(x, dim=1)              # (n,)
+        loss = lse - (1.0 - eps) * x_t
         if eps:
-            loss = loss - eps * x.sum(1) / V
+            loss = loss - eps * sum_x / V
         if z_loss:
             loss = loss + z_loss * lse * lse
         losses[i:i + rows] = torch.where(valid, loss, 0.0)
-        lses[i:i + rows] = torch.where(valid, lse, 0.0)
         if write_grad:
-            p = x.sub_(lse.unsqueeze(1)).exp_()          # softmax, in place (over xc if fp32)
             if z_loss:
                 p.mul_((1.0 + 2.0 * z_loss * lse).unsqueeze(1))
             if eps:
@@ -95,11 +109,11 @@ def _rows_torch(x2d, t, n_valid, *, ignore_index, label_smoothing, z_loss, mean,
             p.scatter_add_(1, ts, torch.full_like(ts, -(1.0 - eps), dtype=p.dtype))
             scale = valid.to(p.dtype)
             if mean:
-                scale = scale / n_valid
+                scale = scale * inv_n
             p.mul_(scale.unsqueeze(1))                   # ignored rows -> 0
             if p.data_ptr() != xc.data_ptr():
                 xc.copy_(p)
-    return losses, lses
+    return losses
 
 
 def _rows_triton(x2d, t, n_valid, *, ignore_index, label_smoothing, z_loss, mean, write_grad):
@@ -107,16 +121,15 @@ def _rows_triton(x2d, t, n_valid, *, ignore_index, label_smoothing, z_loss, mean
 
     N, V = x2d.shape
     losses = torch.empty(N, dtype=torch.float32, device=x2d.device)
-    lses = torch.empty_like(losses)
     if N == 0:
-        return losses, lses
+        return losses
     block = min(next_pow2(V), 1024 if interpreting() else 8192 // x2d.element_size())
     cross_entropy_fwd_bwd_kernel[(N,)](
-        x2d, x2d.stride(0), t, losses, lses, n_valid, V, ignore_index,
+        x2d, x2d.stride(0), t, losses, n_valid, V, ignore_index,
         float(label_smoothing), float(z_loss),
         MEAN=mean, WRITE_GRAD=write_grad, BLOCK=block, num_warps=8 if block >= 2048 else 4,
     )
-    return losses, lses
+    return losses
 
 
 def _forward(logits, target, *, ignore_index, reduction, label_smoothing, z_loss, backend,
@@ -130,7 +143,7 @@ def _forward(logits, target, *, ignore_index, reduction, label_smoothing, z_loss
     t = target.reshape(-1)                                # (N,)
     n_valid = (t != ignore_index).sum().to(torch.float32)  # () on the device: no host sync
     rows = _rows_triton if backend == "triton" else _rows_torch
-    losses, _ = rows(x2d, t, n_valid, ignore_index=ignore_index,
+    losses = rows(x2d, t, n_valid, ignore_index=ignore_index,
                      label_smoothing=label_smoothing, z_loss=z_loss,
                      mean=reduction == "mean", write_grad=write_grad)
     if reduction == "none":
