@@ -246,9 +246,6 @@ class Config:
         if p.pipeline_schedule not in ("1f1b", "gpipe", "interleaved"):
             raise ConfigError(f"parallel.pipeline_schedule must be 1f1b, gpipe or interleaved, "
                               f"got {p.pipeline_schedule!r}")
-        if p.pipeline_schedule == "interleaved" and p.microbatches % p.pp:
-            raise ConfigError(f"the interleaved schedule needs parallel.microbatches "
-                              f"({p.microbatches}) to be a multiple of pp ({p.pp})")
         if t.global_batch % (p.dp * p.microbatches):
             raise ConfigError(f"train.global_batch ({t.global_batch}) must be divisible by "
                               f"dp*microbatches ({p.dp}*{p.microbatches})")
