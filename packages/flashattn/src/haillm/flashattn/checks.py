@@ -9,7 +9,7 @@ __all__ = ["IMPLS", "TRITON_DTYPES", "TRITON_MAX_HEADDIM", "check_cu_seqlens", "
 
 IMPLS = ("auto", "reference", "tiled", "triton")
 TRITON_DTYPES = (torch.float16, torch.bfloat16, torch.float32)
-TRITON_MAX_HEADDIM = 128
+TRITON_MAX_HEADDIM = 256  # as FlashAttention-2
 _FLOATS = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
 
 
