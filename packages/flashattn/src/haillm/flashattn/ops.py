@@ -18,10 +18,11 @@ import torch
 import triton
 
 from . import kernels
+from .checks import interpreting
 
 __all__ = ["TritonAttention", "triton_attention_packed"]
 
-INTERPRET = os.environ.get("TRITON_INTERPRET", "0") == "1"
+INTERPRET = interpreting()  # read once: the kernels were defined for one mode
 AUTOTUNE = (not INTERPRET) and os.environ.get("HAILLM_FLASHATTN_AUTOTUNE", "0") == "1"
 LOG2E = 1.4426950408889634
 # (BLOCK_M, BLOCK_N) per kernel under the interpreter: small, so tiny test shapes still cross

@@ -1,7 +1,8 @@
 """haillm.fusedops: fused LayerNorm/RMSNorm, fused AdamW, in-place cross-entropy, fused GEMMs.
 
-Every op has a plain-PyTorch path (`impl="torch"`, the reference, used on CPU) and a Triton
-path (`impl="triton"`, used on CUDA with `impl="auto"`).
+Every op takes `impl=` in the shared vocabulary (`_dispatch`, docs/architecture.md):
+"reference" (plain PyTorch), "torch" (the optimized PyTorch path, used on CPU by "auto"),
+"triton" (used on CUDA by "auto"; raises when asked for explicitly and it cannot run), "auto".
 """
 
 # --- norms, AdamW, in-place cross-entropy (issue 4: haillm-fusedops) -------------------------

@@ -13,8 +13,11 @@ logits afterwards gets wrong numbers, and an autograd node that had saved them (
 `mark_dirty` (their version counter is bumped, so a node that saved them raises in backward)
 and become an output of our node (so a later graph that uses them raises too).
 
-CPU path (`impl="torch"`): the same algorithm in PyTorch, a chunk of rows at a time, so the
-temporary memory is one chunk, not N x V. Triton path: `cross_entropy_kernels`.
+`impl="torch"` (what `auto` runs on CPU): the same algorithm in PyTorch, a chunk of rows at a
+time, so the temporary memory is one chunk, not N x V. `impl="triton"`:
+`cross_entropy_kernels`. `impl="reference"`: `cross_entropy_reference` (autograd over the
+materialised fp32 log-softmax), its gradient then written over the logits like the others, so
+the storage contract and the reuse protection are the same for every impl.
 """
 
 from __future__ import annotations
@@ -22,6 +25,7 @@ from __future__ import annotations
 import torch
 
 from haillm.fusedops._dispatch import interpreting, next_pow2, resolve_impl
+from haillm.fusedops.cross_entropy_reference import cross_entropy_reference
 
 _DTYPES = (torch.float32, torch.float16, torch.bfloat16)
 _REDUCTIONS = ("mean", "sum", "none")
@@ -132,6 +136,27 @@ def _rows_triton(x2d, t, n_valid, *, ignore_index, label_smoothing, z_loss, mean
     return losses
 
 
+def _rows_reference(x2d, t, n_valid, *, ignore_index, label_smoothing, z_loss, mean,
+                    write_grad):
+    """`cross_entropy_reference` per row; its autograd gradient (of the mean, or of each row's
+    loss) written over x2d. Materialises (N, V) fp32 tensors: the readable baseline."""
+    del n_valid  # the reference divides by the count itself
+    t = t.long()
+    kw = dict(ignore_index=ignore_index, label_smoothing=label_smoothing, z_loss=z_loss)
+    if not write_grad:
+        return cross_entropy_reference(x2d, t, reduction="none", **kw).float()
+    with torch.enable_grad():
+        x = x2d.detach().float().requires_grad_()
+        losses = cross_entropy_reference(x, t, reduction="none", **kw)
+        total = cross_entropy_reference(x, t, reduction="mean", **kw) if mean else losses.sum()
+        (grad,) = torch.autograd.grad(total, x)
+    x2d.copy_(grad)
+    return losses.detach()
+
+
+_ROWS = {"torch": _rows_torch, "triton": _rows_triton, "reference": _rows_reference}
+
+
 def _forward(logits, target, *, ignore_index, reduction, label_smoothing, z_loss, backend,
              write_grad, vocab=None):
     V = vocab or logits.shape[-1]
@@ -142,10 +167,9 @@ def _forward(logits, target, *, ignore_index, reduction, label_smoothing, z_loss
                          f"strides {logits.stride()} cannot be viewed as (N, V) rows") from e
     t = target.reshape(-1)                                # (N,)
     n_valid = (t != ignore_index).sum().to(torch.float32)  # () on the device: no host sync
-    rows = _rows_triton if backend == "triton" else _rows_torch
-    losses = rows(x2d, t, n_valid, ignore_index=ignore_index,
-                     label_smoothing=label_smoothing, z_loss=z_loss,
-                     mean=reduction == "mean", write_grad=write_grad)
+    losses = _ROWS[backend](x2d, t, n_valid, ignore_index=ignore_index,
+                            label_smoothing=label_smoothing, z_loss=z_loss,
+                            mean=reduction == "mean", write_grad=write_grad)
     if reduction == "none":
         return losses.view(target.shape)
     if reduction == "sum":
@@ -208,7 +232,9 @@ def inplace_cross_entropy(logits: torch.Tensor, target: torch.Tensor, *, ignore_
         reduction: "mean" (over non-ignored rows), "sum" or "none".
         label_smoothing: eps in [0, 1], as `F.cross_entropy`.
         z_loss: coefficient z of the extra z * logsumexp^2 per row (PaLM's z-loss).
-        impl: "auto" (Triton on CUDA, PyTorch on CPU), "triton", "torch".
+        impl: "auto" (Triton on CUDA, the chunked PyTorch path on CPU), "triton", "torch"
+            (the chunked PyTorch path) or "reference" (`cross_entropy_reference`, whose
+            gradient is then written over the logits too). See docs/architecture.md.
 
     Returns:
         fp32 loss: () for "mean"/"sum", (N,) for "none".

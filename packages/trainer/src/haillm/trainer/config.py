@@ -164,7 +164,8 @@ class ParallelConfig:
     overlap_grad_reduce: bool = True
     """Start the gradient reduce-scatter from the last micro-batch's backward."""
     attention: str = "auto"
-    """flash_attention impl: `auto` (tiled on CPU, Triton on CUDA), `tiled`, `triton`, `reference`."""
+    """flash_attention impl: `auto` (torch on CPU, Triton on CUDA), `torch` (alias `tiled`),
+    `triton`, `reference`."""
     fused_norm: bool = True
     """Fused RMSNorm with the residual add."""
     fused_swiglu: bool = True

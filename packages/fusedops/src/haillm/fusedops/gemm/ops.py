@@ -18,10 +18,12 @@ from __future__ import annotations
 
 import functools
 import os
-import warnings
 
 import torch
 
+from haillm.fusedops._dispatch import autocast as _autocast
+from haillm.fusedops._dispatch import interpreting as _interpreting
+from haillm.fusedops._dispatch import resolve_impl
 from haillm.fusedops.gemm.reference import linear_residual_reference, linear_swiglu_reference
 
 try:  # Triton is optional (e.g. macOS); the reference path works without it.
@@ -41,12 +43,7 @@ except ImportError:  # pragma: no cover
 
 __all__ = ["linear_residual", "linear_swiglu"]
 
-_IMPLS = ("auto", "reference", "triton")
 _KERNEL_DTYPES = (torch.float16, torch.bfloat16, torch.float32)
-
-
-def _interpreting() -> bool:
-    return os.environ.get("TRITON_INTERPRET", "0") == "1"
 
 
 def _autotune_configs(two_accumulators: bool, fp32: bool = False, hopper: bool = True):
@@ -268,20 +265,6 @@ class LinearResidualFn(torch.autograd.Function):
 
 
 # --------------------------------------------------------------------------- checks, dispatch
-def _autocast(*tensors: torch.Tensor) -> tuple[torch.Tensor, ...]:
-    """Inside ``torch.autocast``, cast GEMM operands to the autocast dtype, as nn.Linear does."""
-    dev = tensors[0].device.type
-    try:
-        enabled = torch.is_autocast_enabled(dev)
-    except TypeError:  # torch < 2.4 has no device_type argument
-        enabled = dev == "cuda" and torch.is_autocast_enabled()
-    if not enabled:
-        return tensors
-    dt = torch.get_autocast_dtype(dev) if hasattr(torch, "get_autocast_dtype") else \
-        torch.get_autocast_gpu_dtype()
-    return tuple(t.to(dt) for t in tensors)
-
-
 def _check_common(x, weight, wname: str, extra=()):
     if not all(isinstance(t, torch.Tensor) for t in (x, weight, *(t for _, t in extra))):
         raise TypeError(f"x, {wname}{''.join(', ' + n for n, _ in extra)} must be tensors")
@@ -302,22 +285,10 @@ def _check_common(x, weight, wname: str, extra=()):
 
 
 def _use_triton(impl: str, x: torch.Tensor, op: str) -> bool:
-    """Decide the path; a fast path that cannot run falls back to the reference with a warning."""
-    if impl not in _IMPLS:
-        raise ValueError(f"impl must be one of {_IMPLS}, got {impl!r}")
-    if impl == "reference" or (impl == "auto" and not x.is_cuda):
-        return False
-    why = None
-    if not HAS_TRITON:
-        why = "triton is not installed"
-    elif not x.is_cuda and not _interpreting():
-        why = f"x is on {x.device}; Triton needs a CUDA tensor (or TRITON_INTERPRET=1)"
-    elif x.dtype not in _KERNEL_DTYPES:
-        why = f"the kernel supports fp16/bf16/fp32, not {x.dtype}"
-    if why is not None:
-        warnings.warn(f"{op}: falling back to the PyTorch reference: {why}", stacklevel=3)
-        return False
-    return True
+    """The shared policy (`haillm.fusedops._dispatch.resolve_impl`): "torch" and "reference"
+    both run the unfused PyTorch reference (the GEMMs have one PyTorch path); an explicit
+    "triton" that cannot run raises; "auto" falls back with a warning on CUDA."""
+    return resolve_impl(impl, x, op=op, dtypes=_KERNEL_DTYPES) == "triton"
 
 
 def linear_swiglu(x: torch.Tensor, w_gate_up: torch.Tensor, *, impl: str = "auto") -> torch.Tensor:
@@ -334,7 +305,8 @@ def linear_swiglu(x: torch.Tensor, w_gate_up: torch.Tensor, *, impl: str = "auto
             (fp64 runs the reference).
         w_gate_up: (2N, K) ``torch.cat([W_gate, W_up])``, nn.Linear layout, same dtype and
             device as x (e.g. `MergedLinear.weight` with two equal parts).
-        impl: "auto" (Triton on CUDA, reference on CPU), "triton" or "reference".
+        impl: "auto" (Triton on CUDA, PyTorch on CPU), "triton", "torch" or "reference"
+            (the same unfused PyTorch code here; see docs/architecture.md for the policy).
 
     Returns:
         (..., N) tensor in x's dtype. Under ``torch.autocast`` x and w_gate_up are cast to
@@ -367,7 +339,8 @@ def linear_residual(x: torch.Tensor, weight: torch.Tensor, residual: torch.Tenso
         weight: (N, K) nn.Linear weight, same dtype/device as x.
         residual: (..., N) the residual stream, same leading shape and device as x; any
             float dtype (e.g. an fp32 residual stream with bf16 GEMM operands).
-        impl: "auto" (Triton on CUDA, reference on CPU), "triton" or "reference".
+        impl: "auto" (Triton on CUDA, PyTorch on CPU), "triton", "torch" or "reference"
+            (the same unfused PyTorch code here; see docs/architecture.md for the policy).
 
     Returns:
         (..., N) tensor of dtype ``promote_types(x.dtype, residual.dtype)``, as
