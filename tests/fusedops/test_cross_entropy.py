@@ -39,7 +39,7 @@ def _mine(x, t, reduction, weight, impl, **kw):
     return loss.detach(), leaf.grad, logits.detach()
 
 
-@pytest.mark.parametrize("impl", ["torch", "triton"])
+@pytest.mark.parametrize("impl", ["torch", "triton", "reference"])
 @given(n=st.integers(1, 9), v=st.sampled_from([1, 2, 7, 64, 127, 300, 1500]),
        seed=st.integers(0, 2**16), n_ignore=st.integers(0, 3),
        reduction=st.sampled_from(["mean", "sum", "none"]),
