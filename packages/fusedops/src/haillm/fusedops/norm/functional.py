@@ -1,7 +1,7 @@
 """`layer_norm`, `rms_norm` and the `LayerNorm`, `RMSNorm` modules (dispatch + validation).
 
-The teaching version is `norm_reference` (PyTorch, fp32 statistics, autograd for the
-gradients); the real one (`norm_kernels`) computes forward and backward in one pass per row,
+The teaching version is `reference` (PyTorch, fp32 statistics, autograd for the gradients);
+the real one (`kernels`, launched by `ops`) computes forward and backward in one pass per row,
 fuses the residual add of pre-norm blocks, and reduces dw/db without atomics.
 """
 
@@ -11,8 +11,8 @@ import torch
 from torch import nn
 
 from haillm.fusedops._dispatch import resolve_impl
-from haillm.fusedops.norm_ops import NormFn
-from haillm.fusedops.norm_reference import Out, layer_norm_reference, rms_norm_reference
+from haillm.fusedops.norm.ops import NormFn
+from haillm.fusedops.norm.reference import Out, layer_norm_reference, rms_norm_reference
 
 _DTYPES = (torch.float32, torch.float16, torch.bfloat16, torch.float64)
 
