@@ -208,8 +208,10 @@ def cases(quick: bool = False, arch: int = 90) -> dict[str, object]:
             for causal in (True,) if quick else (False, True):
                 out[f"flashattn {dt} hd{hd} {'causal' if causal else 'full'}"] = \
                     flash_case(DTYPES[dt], hd, causal)
-        # head dims 129..256 (FlashAttention-2's range) share BLOCK_D = 256: one case each
-        out[f"flashattn {dt} hd256 causal"] = flash_case(DTYPES[dt], 256, True)
+        # head dims 129..256 (FlashAttention-2's range) share BLOCK_D = 256: one case per
+        # config (fp16 has bf16's), to keep the compile time down
+        if dt != "fp16":
+            out[f"flashattn {dt} hd256 causal"] = flash_case(DTYPES[dt], 256, True)
     out["flashattn bf16 hd128 causal varlen"] = flash_case(torch.bfloat16, 128, True, True)
     for dt in dtypes:
         for n in ([4096] if quick else [1000, 4096, 20000]):  # one block / looped blocks
