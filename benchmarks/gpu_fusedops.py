@@ -201,7 +201,7 @@ def bench_cross_entropy():
     import torch.nn.functional as F
 
     from haillm.fusedops import inplace_cross_entropy
-    from haillm.fusedops.cross_entropy import _forward
+    from haillm.fusedops.cross_entropy.ops import _forward
 
     N, V = (64, 1000) if SMOKE else (8192, 131072)
     torch.manual_seed(0)

@@ -70,7 +70,7 @@ def test_auto_falls_back_with_warning(monkeypatch):
     class FakeQ:
         device, dtype, shape = FakeCuda(), q.dtype, q.shape
 
-    with pytest.warns(UserWarning, match="falling back to impl='tiled'"):
+    with pytest.warns(UserWarning, match="impl='auto' falls back to impl='torch'"):
         assert resolve_impl("auto", FakeQ()) == "tiled"
 
 
@@ -100,5 +100,13 @@ def test_triton_on_cpu_without_interpreter_names_tiled(monkeypatch):
 
     monkeypatch.setattr(functional, "_interpreting", lambda: False)
     q, k, v = qkv()
-    with pytest.raises(ValueError, match=r"impl='triton' needs CUDA tensors .*impl='tiled'"):
+    with pytest.raises(ValueError, match=r"impl='triton' needs CUDA tensors .*impl='torch'"):
         flash_attention(q, k, v, impl="triton")
+
+
+def test_torch_names_the_tiled_path():
+    """The shared vocabulary: impl="torch" is the optimized PyTorch path, "tiled" its alias."""
+    q, k, v = qkv()
+    assert resolve_impl("torch", q) == resolve_impl("tiled", q) == "tiled"
+    assert torch.equal(flash_attention(q, k, v, causal=True, impl="torch"),
+                       flash_attention(q, k, v, causal=True, impl="tiled"))

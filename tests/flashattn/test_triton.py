@@ -95,8 +95,17 @@ def test_triton_noncontiguous_inputs():
         assert_close(a, e)
 
 
+@pytest.mark.parametrize("d", [59, 111, 160, 192, 224, 256])
+def test_triton_head_dims_of_flash_attn_tests(d):
+    """flash-attention's tests/test_flash_attn.py head dims, up to 256 (FlashAttention-2's
+    limit), incl. ones that are not a power of two (masked to BLOCK_D), with its odd seqlens."""
+    _check(1, 17, 33, 2, 1, d, True, None, torch.float32, seed=d)
+    if d == 256:
+        _check(1, 41, 23, 2, 2, d, False, None, torch.float16, seed=d + 1)
+
+
 @pytest.mark.gpu
-@pytest.mark.parametrize("d", [32, 64, 128])
+@pytest.mark.parametrize("d", [32, 64, 128, 192, 256])
 @pytest.mark.parametrize("causal", [False, True])
 def test_triton_gpu_bf16(d, causal):
     _check(2, 300, 300, 4, 2, d, causal, None, torch.bfloat16, seed=d, device="cuda")
@@ -110,7 +119,7 @@ def test_triton_gpu_fp16():
 
 
 @pytest.mark.gpu
-@pytest.mark.parametrize("d", [16, 80, 128])
+@pytest.mark.parametrize("d", [16, 80, 128, 256])
 def test_triton_gpu_fp32(d):
     _check(2, 200, 333, 4, 2, d, True, None, torch.float32, seed=d, device="cuda")
 

@@ -197,7 +197,7 @@ def test_fused_adamw_matches_torch_param_groups(impl, seed, steps, with_skip):
 
 def test_fused_adamw_one_launch_per_bucket(monkeypatch):
     """A bucket (group x device x dtype) is updated by a single adamw_step_ call on flat buffers."""
-    import haillm.fusedops.optimizer as optmod
+    import haillm.fusedops.adamw.optimizer as optmod
 
     calls = []
     real = optmod.adamw_step_

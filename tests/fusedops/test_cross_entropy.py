@@ -8,8 +8,8 @@ import torch.nn.functional as F
 from hypothesis import given
 from hypothesis import strategies as st
 
-from haillm.fusedops import cross_entropy as ce_mod
 from haillm.fusedops import cross_entropy_reference, inplace_cross_entropy
+from haillm.fusedops.cross_entropy import ops as ce_mod
 from tests.helpers import assert_close, assert_lowp_close
 
 
@@ -39,7 +39,7 @@ def _mine(x, t, reduction, weight, impl, **kw):
     return loss.detach(), leaf.grad, logits.detach()
 
 
-@pytest.mark.parametrize("impl", ["torch", "triton"])
+@pytest.mark.parametrize("impl", ["torch", "triton", "reference"])
 @given(n=st.integers(1, 9), v=st.sampled_from([1, 2, 7, 64, 127, 300, 1500]),
        seed=st.integers(0, 2**16), n_ignore=st.integers(0, 3),
        reduction=st.sampled_from(["mean", "sum", "none"]),
@@ -177,3 +177,52 @@ def test_gpu_kernel(dtype):
         if not kw:
             torch_loss.backward()
             assert_lowp_close(grad, xl.grad, ref_grad, name="dlogits")
+
+
+# --- cases from the peers' own suites (Liger-Kernel test/transformers/test_cross_entropy.py)
+
+@pytest.mark.parametrize("impl", ["torch", "triton", "reference"])
+@pytest.mark.parametrize("reduction", ["mean", "sum", "none"])
+def test_all_targets_ignored_give_zero_gradients(impl, reduction):
+    """An all-padding micro-batch: F.cross_entropy's loss ("mean": NaN = 0/0) and zero grads.
+
+    The gradient must be 0, not 0 * (1/0) = NaN: even `nan_to_num(loss) + other_loss` would
+    otherwise leave NaN in the shared weights.
+    """
+    h = torch.randn(5, 8, requires_grad=True)
+    w = torch.randn(13, 8, requires_grad=True)
+    t = torch.full((5,), -100)
+    ref = F.cross_entropy(h @ w.T, t, reduction=reduction)
+    loss = inplace_cross_entropy(h @ w.T, t, reduction=reduction, impl=impl)
+    torch.testing.assert_close(loss, ref, equal_nan=True)
+    other = (h @ w.T).square().mean()                 # another loss on the same weights
+    gh, gw = torch.autograd.grad(other, (h, w), retain_graph=True)
+    (torch.nan_to_num(loss).sum() + other).backward()
+    assert torch.equal(h.grad, gh) and torch.equal(w.grad, gw)
+    logits = h.detach() @ w.detach().T
+    logits.requires_grad_()
+    leaf_out = logits * 1
+    inplace_cross_entropy(leaf_out, t, reduction=reduction, impl=impl).sum().backward()
+    assert torch.equal(logits.grad, torch.zeros_like(logits))
+
+
+@pytest.mark.parametrize("impl", ["torch", "triton", "reference"])
+@pytest.mark.parametrize("scalar", [1.0, 10.0, 100.0])
+def test_large_logits_gradient_precision(impl, scalar):
+    """Liger's `scalar` cases: logits x 10 and x 100, V = 32000, fp32.
+
+    Against fp64, the gradient error is at most 2 x torch fp32's (F.cross_entropy) plus one
+    ulp of the largest |gradient| (its own rounding). The softmax as exp(x - lse) gave ~130x
+    (the rounding of lse, ~ ulp(400), becomes a relative error of every probability).
+    """
+    x, t = _case(4, 32000, int(scalar), torch.float32, n_ignore=1, scale=scalar)
+    w = torch.tensor(1.0)
+    loss, grad, _ = _mine(x, t, "mean", w, impl)
+    ref_loss, ref_grad = _truth(x, t, "mean", w)
+    xt = x.clone().requires_grad_()
+    torch_loss = F.cross_entropy(xt, t)
+    torch_loss.backward()
+    floor = torch.finfo(torch.float32).eps * ref_grad.abs().max().item()
+    assert_lowp_close(grad, xt.grad, ref_grad, floor=floor, name="dlogits")
+    assert_lowp_close(loss, torch_loss, ref_loss,
+                      floor=torch.finfo(torch.float32).eps * ref_loss.abs().item(), name="loss")

@@ -192,14 +192,16 @@ def test_auto_on_cpu_is_reference_without_warning():
     assert_close(z, x.double() @ w.double().t(), dtype=torch.float32)
 
 
-def test_triton_that_cannot_run_falls_back_with_warning(monkeypatch):
+def test_triton_that_cannot_run_raises(monkeypatch):
+    """An explicit impl='triton' that cannot run raises, naming the impls that can."""
     x, w, _ = make_case((4,), 3, 5, torch.float64, 0)
-    with pytest.warns(UserWarning, match="falling back"):  # fp64 has no kernel
-        y = linear_swiglu(x, w, impl="triton")
-    assert_close(y, truth_swiglu(x, w, torch.zeros(4, 3))[0])
+    with pytest.raises(TypeError, match="cannot run.*float64.*impl='torch' or impl='reference'"):
+        linear_swiglu(x, w, impl="triton")  # fp64 has no kernel
+    for impl in ("torch", "reference", "auto"):  # what can: the same unfused PyTorch code
+        assert_close(linear_swiglu(x, w, impl=impl), truth_swiglu(x, w, torch.zeros(4, 3))[0])
     if not torch.cuda.is_available():  # CPU tensor without the interpreter
         monkeypatch.setenv("TRITON_INTERPRET", "0")
-        with pytest.warns(UserWarning, match="CUDA tensor"):
+        with pytest.raises(ValueError, match="CUDA tensor"):
             linear_residual(x.float(), w.float(), torch.zeros(4, 6), impl="triton")
 
 

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import warnings
+
 import pytest
 import torch
 import torch.nn.functional as F
@@ -192,11 +194,15 @@ def test_no_affine_params(kind):
     assert_close(xs.grad.double(), x64.grad, dtype=torch.float32)
 
 
-def test_triton_on_cpu_without_interpreter_warns(monkeypatch):
+def test_triton_on_cpu_without_interpreter_raises(monkeypatch):
+    """An explicit impl='triton' that cannot run raises, naming what can (never degrades)."""
     import haillm.fusedops._dispatch as dispatch
 
     monkeypatch.setattr(dispatch, "interpreting", lambda: False)
     x = torch.randn(2, 8)
-    with pytest.warns(UserWarning, match="falling back to PyTorch"):
-        y = rms_norm(x, None, impl="triton")
-    assert_close(y, F.rms_norm(x, (8,), None, 1e-6))
+    with pytest.raises(ValueError, match="impl='triton' cannot run.*impl='torch' or impl='reference'"):
+        rms_norm(x, None, impl="triton")
+    for impl in ("auto", "torch", "reference"):  # auto on CPU: the PyTorch path, no warning
+        with warnings.catch_warnings():
+            warnings.simplefilter("error")
+            assert_close(rms_norm(x, None, impl=impl), F.rms_norm(x, (8,), None, 1e-6))

@@ -138,6 +138,7 @@ def _cases(p: int):
     for m in (1, 3, 2 * p) if p == 2 else (1, 4):
         cases += [("gpipe", 1, m, 2, "tensor", 1), ("1f1b", 1, m, 3, "tensor", 2)]
     cases += [("interleaved", 2, p, 2, "tensor", 1), ("interleaved", 2, 2 * p, 1, "tensor", 1)]
+    cases += [("interleaved", 2, p + 1, 1, "tensor", 1)]  # m not a multiple of p
     cases += [("1f1b", 1, 3, 2, "dict", 1), ("interleaved", 2, p, 2, "dict", 1)]
     cases += [("explicit", 2, 2 * p, 1, "tensor", 1), ("explicit", 1, 3, 2, "tensor", 1)]
     if p == 2:

@@ -120,10 +120,29 @@ def case_bf16_equals_mixed_precision_reference(micro=2, steps=3):
 
 
 def case_optimizer_bytes(ddp, opt):
+    """fp32: 8 B per owned element (m, v: the parameters are the master weights), as torch's
+    ZeroRedundancyOptimizer(AdamW); bf16: 12 B (+ the fp32 master copy)."""
+    from torch.distributed.optim import ZeroRedundancyOptimizer
+
     L, dp = ddp.layout, ddp.dp
     psi = sum(p.numel() for p in ddp.module.parameters())
     got = measured_bytes(ddp, opt)
-    assert got["optimizer"] == 12 * L.shard_numel == 12 * (psi + L.padding) // dp
+    assert opt.precision == "fp32" and not opt.separate_master
+    assert got["optimizer"] == 8 * L.shard_numel == 8 * (psi + L.padding) // dp
+    # the peer: torch's ZeRO-1 holds exp_avg and exp_avg_sq for the parameters it owns
+    ref = make_model()
+    zro = ZeroRedundancyOptimizer(ref.parameters(), optimizer_class=torch.optim.AdamW, lr=1e-3)
+    for q in ref.parameters():
+        q.grad = torch.ones_like(q)
+    zro.step()
+    owned = sum(q.numel() for q in zro.optim.state)
+    held = sum(t.numel() * t.element_size() for st in zro.optim.state.values()
+               for t in st.values() if t.dim() > 0)  # (not the 0-d step counters)
+    assert held == 8 * owned
+    assert torch.equal(opt.master, torch.cat(ddp.shard_param_views()))  # a gathered copy
+    bf = ZeroDataParallel(make_model(torch.bfloat16), bucket_mb=ddp.bucket_mb)
+    obf = Zero1AdamW(bf, lr=1e-3, precision="bf16")
+    assert measured_bytes(bf, obf)["optimizer"] == 12 * bf.layout.shard_numel
     assert L.padding < len(L.buckets) * dp * 16
     assert got["grads"] == 4 * (psi + L.padding) and got["params"] == 4 * (psi + L.padding)
 

@@ -89,6 +89,8 @@ def test_memory_formula():
     m = memory_per_rank(1000, 4)
     assert m == {"params": 2000.0, "grads": 4000.0, "optimizer": 3000.0, "total": 9000.0}
     assert memory_per_rank(1000, 4, zero=False)["optimizer"] == 12000.0
+    # fp32 parameters are their own master weights: m and v only (torch ZeRO's 8 B/element)
+    assert memory_per_rank(1000, 4, param_bytes=4)["optimizer"] == 2000.0
     with pytest.raises(ValueError, match="dp"):
         memory_per_rank(10, 0)
 

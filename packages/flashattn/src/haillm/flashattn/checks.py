@@ -3,14 +3,25 @@ argument and what was expected (shape, dtype, divisibility, device)."""
 
 from __future__ import annotations
 
+import os
+
 import torch
 
-__all__ = ["IMPLS", "TRITON_DTYPES", "TRITON_MAX_HEADDIM", "check_cu_seqlens", "check_qkv"]
+__all__ = ["IMPLS", "TRITON_DTYPES", "TRITON_MAX_HEADDIM", "check_cu_seqlens", "check_qkv",
+           "interpreting"]
 
-IMPLS = ("auto", "reference", "tiled", "triton")
+# The vocabulary every haillm op shares (docs/architecture.md): "reference", "torch" (the
+# optimized pure-PyTorch path, here the tiled FlashAttention-2 in PyTorch), "triton", "auto";
+# "tiled" stays an alias of "torch".
+IMPLS = ("auto", "reference", "torch", "tiled", "triton")
 TRITON_DTYPES = (torch.float16, torch.bfloat16, torch.float32)
-TRITON_MAX_HEADDIM = 128
+TRITON_MAX_HEADDIM = 256  # as FlashAttention-2
 _FLOATS = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
+
+
+def interpreting() -> bool:
+    """True when Triton kernels run in the CPU interpreter (`TRITON_INTERPRET=1`)."""
+    return os.environ.get("TRITON_INTERPRET", "0") == "1"
 
 
 def check_impl(impl: str) -> None:
@@ -62,10 +73,11 @@ def check_qkv(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, *, impl: str,
     if impl == "triton":
         if q.dtype not in TRITON_DTYPES:
             raise TypeError(f"impl='triton' supports dtypes {TRITON_DTYPES}, got {q.dtype}; "
-                            "impl='tiled' or impl='reference' supports it")
+                            "impl='torch' (alias 'tiled') or impl='reference' supports it")
         if headdim > TRITON_MAX_HEADDIM:
             raise ValueError(f"impl='triton' supports headdim <= {TRITON_MAX_HEADDIM}, got "
-                             f"{headdim}; impl='tiled' or impl='reference' supports it")
+                             f"{headdim}; impl='torch' (alias 'tiled') or impl='reference' "
+                             "supports it")
 
 
 def check_cu_seqlens(cu: torch.Tensor, name: str, total: int, max_seqlen: int,

@@ -8,6 +8,7 @@ import warnings
 import torch
 
 from .checks import TRITON_DTYPES, TRITON_MAX_HEADDIM, check_cu_seqlens, check_impl, check_qkv
+from .checks import interpreting as _interpreting
 from .reference import attention_reference
 from .tiled import tiled_attention
 
@@ -24,20 +25,17 @@ def _triton_available() -> tuple[bool, str]:
     return True, ""
 
 
-def _interpreting() -> bool:
-    import os
-
-    return os.environ.get("TRITON_INTERPRET", "0") == "1"
-
-
 def resolve_impl(impl: str, q: torch.Tensor) -> str:
-    """Which implementation runs: "auto" -> "triton" on CUDA tensors, "tiled" otherwise.
+    """Which implementation runs: "reference", "tiled" (what impl="torch" names) or "triton".
 
-    An explicit or automatic triton choice that cannot run falls back to "tiled" with a warning
-    when it came from "auto", and raises when it was asked for explicitly.
+    "auto" -> "triton" on CUDA tensors, "tiled" otherwise. A triton choice that cannot run
+    falls back to "tiled" with a warning when it came from "auto", and raises when it was asked
+    for explicitly (the policy of every haillm op, docs/architecture.md).
     """
     check_impl(impl)
-    if impl in ("reference", "tiled"):
+    if impl in ("torch", "tiled"):
+        return "tiled"
+    if impl == "reference":
         return impl
     if impl == "auto" and q.device.type != "cuda":
         return "tiled"
@@ -47,19 +45,20 @@ def resolve_impl(impl: str, q: torch.Tensor) -> str:
         problem = why
     elif q.device.type != "cuda" and not _interpreting():
         problem = (f"impl='triton' needs CUDA tensors (got {q.device}) or TRITON_INTERPRET=1; "
-                   "impl='tiled' runs on any device")
+                   "impl='torch' (alias 'tiled') or impl='reference' run on any device")
     elif q.dtype not in TRITON_DTYPES:
         problem = (f"impl='triton' supports dtypes {TRITON_DTYPES}, got {q.dtype}; "
-                   "impl='tiled' or impl='reference' supports it")
+                   "impl='torch' (alias 'tiled') or impl='reference' supports it")
     elif q.shape[-1] > TRITON_MAX_HEADDIM:
         problem = (f"impl='triton' supports headdim <= {TRITON_MAX_HEADDIM}, got {q.shape[-1]}; "
-                   "impl='tiled' or impl='reference' supports it")
+                   "impl='torch' (alias 'tiled') or impl='reference' supports it")
     if not problem:
         return "triton"
     if impl == "triton":
         exc = TypeError if "dtype" in problem else ValueError
         raise exc(problem)
-    warnings.warn(f"flash_attention: falling back to impl='tiled': {problem}", stacklevel=3)
+    warnings.warn(f"flash_attention: impl='auto' falls back to impl='torch' (tiled): {problem}",
+                  stacklevel=3)
     return "tiled"
 
 
@@ -75,9 +74,10 @@ def flash_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, *, causal
         causal: causal mask aligned to the bottom-right corner when seqlen_q != seqlen_k
             (query i sees key j iff j <= i + seqlen_k - seqlen_q); rows that see no key are 0.
         softmax_scale: defaults to 1/sqrt(headdim).
-        impl: "reference" (materialises the scores), "tiled" (pure-PyTorch blockwise online
-            softmax, backward recomputes), "triton" (FlashAttention-2 kernels; CUDA, or CPU
-            under TRITON_INTERPRET=1), "auto" (triton on CUDA, tiled on CPU).
+        impl: "reference" (materialises the scores), "torch" (alias "tiled": pure-PyTorch
+            blockwise online softmax, backward recomputes), "triton" (FlashAttention-2
+            kernels; CUDA, or CPU under TRITON_INTERPRET=1), "auto" (triton on CUDA, torch on
+            CPU). An explicit "triton" that cannot run raises; see docs/architecture.md.
 
     Returns:
         (batch, seqlen_q, nheads, headdim) in q.dtype; differentiable in q, k and v.

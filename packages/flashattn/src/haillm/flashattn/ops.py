@@ -18,10 +18,11 @@ import torch
 import triton
 
 from . import kernels
+from .checks import interpreting
 
 __all__ = ["TritonAttention", "triton_attention_packed"]
 
-INTERPRET = os.environ.get("TRITON_INTERPRET", "0") == "1"
+INTERPRET = interpreting()  # read once: the kernels were defined for one mode
 AUTOTUNE = (not INTERPRET) and os.environ.get("HAILLM_FLASHATTN_AUTOTUNE", "0") == "1"
 LOG2E = 1.4426950408889634
 # (BLOCK_M, BLOCK_N) per kernel under the interpreter: small, so tiny test shapes still cross
@@ -44,14 +45,24 @@ def _config(kind: str, block_d: int, dtype: torch.dtype) -> dict:
         return dict(BLOCK_M=m, BLOCK_N=n, num_warps=1, num_stages=1)
     big = block_d > 64
     # Chosen with `ptxas` without a GPU (tests/kernels_compile.py; the table is in
-    # docs/benchmarks/kernels.md): the 16-bit configs compile without register spills on sm_90.
+    # docs/benchmarks/kernels.md): the 16-bit configs compile without register spills on sm_90,
+    # and every config fits sm_80's shared memory.
     if dtype == torch.float32:
         # IEEE fp32 products run on the FMA units, not the tensor cores: the operand tiles live
         # in registers, so tiles are small (64x32 tiles at head dim 128 spilled ~8 KB/thread).
         if not big:
             return dict(BLOCK_M=32, BLOCK_N=32, num_warps=4 if block_d <= 32 else 8, num_stages=2)
-        m, n = {"fwd": (32, 16), "dkdv": (16, 32), "dq": (32, 16)}[kind]
+        if block_d > 128:  # head dims 129..256: (32, 16) forward spilled 40 B
+            m, n = {"fwd": (16, 16), "dkdv": (16, 32), "dq": (32, 16)}[kind]
+        else:
+            m, n = {"fwd": (32, 16), "dkdv": (16, 32), "dq": (32, 16)}[kind]
         return dict(BLOCK_M=m, BLOCK_N=n, num_warps=8, num_stages=2)
+    if block_d > 128:
+        # Head dims 129..256 (FlashAttention-2's range): a 64 x 256 fp32 accumulator is already
+        # 64 registers per thread at 8 warps, so the key/query steps are 32 wide. Measured on
+        # sm_90: forward 64x64 spilled 40 B, dK-dV 32x64 480 B and 64x32 88 B, dQ 64x64 304 B.
+        m, n, stages = {"fwd": (64, 32, 3), "dkdv": (32, 32, 2), "dq": (64, 32, 2)}[kind]
+        return dict(BLOCK_M=m, BLOCK_N=n, num_warps=8, num_stages=stages)
     # 16-bit inputs: the accumulators (acc / dK, dV / dQ) and the score tile all live in
     # registers; dK-dV at head dim 128 steps through Q in blocks of 32 (64 spilled 232 B).
     if kind == "fwd":
@@ -61,8 +72,9 @@ def _config(kind: str, block_d: int, dtype: torch.dtype) -> dict:
     return dict(BLOCK_M=64, BLOCK_N=64, num_warps=8 if big else 4, num_stages=2 if big else 3)
 
 
-# Autotune candidates (BLOCK_M, BLOCK_N, num_warps, num_stages) by (kernel, head dim > 64): the
-# fixed default first, then two alternatives; kept short because every one costs a compile.
+# Autotune candidates (BLOCK_M, BLOCK_N, num_warps, num_stages) by (kernel, head-dim tier: 0 for
+# <= 64, 1 for <= 128, 2 for <= 256): the fixed default first, then alternatives; kept short
+# because every one costs a compile.
 _TUNE_SPACE = {
     ("fwd", False): [(128, 64, 8, 3), (128, 64, 4, 3), (64, 64, 4, 3)],
     ("fwd", True): [(128, 32, 8, 3), (128, 64, 8, 3), (64, 64, 4, 2)],
@@ -70,8 +82,16 @@ _TUNE_SPACE = {
     ("dkdv", True): [(32, 64, 8, 2), (64, 64, 8, 2), (64, 32, 8, 2)],
     ("dq", False): [(64, 64, 4, 3), (128, 64, 8, 2), (64, 32, 4, 2)],
     ("dq", True): [(64, 64, 8, 2), (128, 64, 8, 2), (64, 32, 4, 2)],
+    ("fwd", 2): [(64, 32, 8, 3), (64, 32, 8, 2)],
+    ("dkdv", 2): [(32, 32, 8, 2), (16, 32, 8, 2)],
+    ("dq", 2): [(64, 32, 8, 2), (32, 32, 8, 2)],
 }
-_TUNED: dict[tuple[str, bool], object] = {}
+_TUNED: dict[tuple[str, object], object] = {}
+
+
+def _tier(block_d: int):
+    """The autotune key's head-dim tier (False/True: <= 64 / <= 128, as before; 2: <= 256)."""
+    return 2 if block_d > 128 else block_d > 64
 
 
 def _bench(fn, quantiles=None):
@@ -83,7 +103,7 @@ def _bench(fn, quantiles=None):
 def _launch(kind: str, kernel, grid, args, *, CAUSAL, BLOCK_D, DOT_PREC, dtype):
     """Run `kernel` with a fixed config, or through a (cached) autotuner on GPU."""
     if AUTOTUNE and dtype != torch.float32:
-        tkey = (kind, BLOCK_D > 64)
+        tkey = (kind, _tier(BLOCK_D))
         if tkey not in _TUNED:
             configs = [triton.Config(dict(BLOCK_M=m, BLOCK_N=n), num_warps=w, num_stages=s)
                        for m, n, w, s in _TUNE_SPACE[tkey]]

@@ -1,17 +1,26 @@
 """haillm.fusedops: fused LayerNorm/RMSNorm, fused AdamW, in-place cross-entropy, fused GEMMs.
 
-Every op has a plain-PyTorch path (`impl="torch"`, the reference, used on CPU) and a Triton
-path (`impl="triton"`, used on CUDA with `impl="auto"`).
+Every op takes `impl=` in the shared vocabulary (`_dispatch`, docs/architecture.md):
+"reference" (plain PyTorch), "torch" (the optimized PyTorch path, used on CPU by "auto"),
+"triton" (used on CUDA by "auto"; raises when asked for explicitly and it cannot run), "auto".
+
+Layout, one folder per op as in `haillm.flashattn`: `norm/`, `adamw/`, `cross_entropy/`,
+`gemm/`, each with `reference.py` (plain PyTorch), `kernels.py` (`@triton.jit` only), `ops.py`
+(launchers, autograd Functions) and the public functions (`functional.py`; AdamW: `ops.py` and
+`optimizer.py`; the GEMMs also `modules.py`).
 """
 
 # --- norms, AdamW, in-place cross-entropy (issue 4: haillm-fusedops) -------------------------
-from haillm.fusedops.adamw import adamw_step_
-from haillm.fusedops.adamw_reference import adamw_step_reference_
-from haillm.fusedops.cross_entropy import inplace_cross_entropy
-from haillm.fusedops.cross_entropy_reference import cross_entropy_reference
-from haillm.fusedops.norm_reference import layer_norm_reference, rms_norm_reference
-from haillm.fusedops.norms import LayerNorm, RMSNorm, layer_norm, rms_norm
-from haillm.fusedops.optimizer import FusedAdamW
+from haillm.fusedops.adamw import FusedAdamW, adamw_step_, adamw_step_reference_
+from haillm.fusedops.cross_entropy import cross_entropy_reference, inplace_cross_entropy
+from haillm.fusedops.norm import (
+    LayerNorm,
+    RMSNorm,
+    layer_norm,
+    layer_norm_reference,
+    rms_norm,
+    rms_norm_reference,
+)
 
 # --- end of issue-4 imports -------------------------------------------------------------------
 

@@ -164,7 +164,8 @@ class ParallelConfig:
     overlap_grad_reduce: bool = True
     """Start the gradient reduce-scatter from the last micro-batch's backward."""
     attention: str = "auto"
-    """flash_attention impl: `auto` (tiled on CPU, Triton on CUDA), `tiled`, `triton`, `reference`."""
+    """flash_attention impl: `auto` (torch on CPU, Triton on CUDA), `torch` (alias `tiled`),
+    `triton`, `reference`."""
     fused_norm: bool = True
     """Fused RMSNorm with the residual add."""
     fused_swiglu: bool = True
@@ -247,9 +248,6 @@ class Config:
         if p.pipeline_schedule not in ("1f1b", "gpipe", "interleaved"):
             raise ConfigError(f"parallel.pipeline_schedule must be 1f1b, gpipe or interleaved, "
                               f"got {p.pipeline_schedule!r}")
-        if p.pipeline_schedule == "interleaved" and p.microbatches % p.pp:
-            raise ConfigError(f"the interleaved schedule needs parallel.microbatches "
-                              f"({p.microbatches}) to be a multiple of pp ({p.pp})")
         if t.global_batch % (p.dp * p.microbatches):
             raise ConfigError(f"train.global_batch ({t.global_batch}) must be divisible by "
                               f"dp*microbatches ({p.dp}*{p.microbatches})")

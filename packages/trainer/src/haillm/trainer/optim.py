@@ -139,9 +139,9 @@ class Optimizer:
         return norm, bool(res.skipped) or not math.isfinite(norm)
 
     def state_bytes(self) -> int:
-        """Bytes of fp32 master weights and Adam moments held by this rank (12 per element)."""
-        return 4 * (self.opt.master.numel() + self.opt.exp_avg.numel()
-                    + self.opt.exp_avg_sq.numel())
+        """Bytes of fp32 master weights and Adam moments held by this rank (12 per element;
+        8 with fp32 parameters, which are their own master weights)."""
+        return sum(4 * t.numel() for t in self.opt.state_tensors())
 
 
 ZeroPackageOptimizer = Optimizer  # the name before the trainer's own ZeRO-1 was removed

@@ -7,7 +7,8 @@ the norm weights are replicated over TP):
 * gradients: 4Ψ (fp32 *main* gradients: the micro-batches accumulate into fp32 buckets, as
   DeepSeek section 2.4 and the ZeRO package do; ZeRO-1 keeps them whole on every DP rank);
 * optimizer: 12Ψ / N_d with ZeRO-1 (fp32 master copy + Adam m and v, sharded over the N_d
-  DP ranks; Rajbhandari et al. 2020, eq. for stage 1), 12Ψ without.
+  DP ranks; Rajbhandari et al. 2020, eq. for stage 1), 12Ψ without; 8Ψ / N_d (8Ψ) in fp32,
+  where the parameters are their own master weights.
 
 Activations (Korthikanti et al. 2022, "Reducing activation recomputation", section 4): the
 bytes each layer *saves for backward* per micro-batch, counted tensor by tensor for this
@@ -100,10 +101,15 @@ def _stage_params(m: ModelConfig, lay: Layout, stage: int) -> int:
     return total
 
 
+def _opt_bytes(lay: Layout) -> int:
+    """AdamW state bytes per parameter: m, v and (below fp32) the fp32 master copy."""
+    return 8 if lay.precision == "fp32" else 12
+
+
 def state_bytes(m: ModelConfig, lay: Layout, stage: int = 0) -> dict[str, float]:
     """Parameter, fp32-main-gradient and optimizer bytes of one rank of `stage`."""
     psi = _stage_params(m, lay, stage)
-    opt = 12 * psi / (lay.dp if lay.zero else 1)
+    opt = _opt_bytes(lay) * psi / (lay.dp if lay.zero else 1)
     return {"n_params": psi, "params": BYTES[lay.precision] * psi, "grads": 4.0 * psi,
             "optimizer": opt}
 
@@ -183,7 +189,7 @@ def plan_table(m: ModelConfig, lay: Layout, global_batch: int | None = None,
     rows = [("parameters (M)", [f"{p.n_params / 1e6:,.1f}" for p in cols]),
             (f"params ({lay.precision}) GiB", [_gib(p.params) for p in cols]),
             ("fp32 main grads GiB", [_gib(p.grads) for p in cols]),
-            ("optimizer (12Ψ/N_d) GiB" if lay.zero else "optimizer (12Ψ) GiB",
+            (f"optimizer ({_opt_bytes(lay)}Ψ{'/N_d' if lay.zero else ''}) GiB",
              [_gib(p.optimizer) for p in cols]),
             ("micro-batches in flight", [str(p.in_flight) for p in cols]),
             ("activations GiB", [_gib(p.activations) for p in cols]),

@@ -12,6 +12,7 @@ def memory_per_rank(num_params: int, dp: int, *, param_bytes: int = 2, grad_byte
     With ZeRO-1 (`zero=True`) only the optimizer states are divided by N_d:
     ``2Ψ + 4Ψ + 12Ψ/N_d`` for bf16 parameters and fp32 main gradients (the ZeRO paper's
     ``2Ψ + 2Ψ + 12Ψ/N_d`` assumes 16-bit gradients). Plain data parallelism keeps ``12Ψ``.
+    fp32 parameters (``param_bytes=4``) are their own master weights: ``8Ψ/N_d`` (m and v).
 
     Args:
         num_params: Ψ.
@@ -25,7 +26,8 @@ def memory_per_rank(num_params: int, dp: int, *, param_bytes: int = 2, grad_byte
     """
     if dp < 1:
         raise ValueError(f"dp ({dp}) must be >= 1")
-    opt = 12.0 * num_params / (dp if zero else 1)
+    per_element = 8.0 if param_bytes >= 4 else 12.0  # m, v (+ the fp32 master below fp32)
+    opt = per_element * num_params / (dp if zero else 1)
     out = {"params": float(param_bytes * num_params), "grads": float(grad_bytes * num_params),
            "optimizer": opt}
     out["total"] = out["params"] + out["grads"] + out["optimizer"]
@@ -37,6 +39,6 @@ def measured_bytes(model, optimizer) -> dict[str, int]:
     def nbytes(*ts):
         return sum(t.untyped_storage().nbytes() for t in ts)
     out = {"params": nbytes(model.param_buffer), "grads": nbytes(model.main_grad),
-           "optimizer": nbytes(optimizer.master, optimizer.exp_avg, optimizer.exp_avg_sq)}
+           "optimizer": nbytes(*optimizer.state_tensors())}
     out["total"] = sum(out.values())
     return out

@@ -6,6 +6,10 @@ Per rank, for Ψ parameters and N_d data-parallel ranks (bytes):
     fp32 main gradients      4Ψ       (full buffer: every rank accumulates all gradients)
     fp32 master + m + v     12Ψ/N_d   (ZeRO-1: only this rank's shard)
 
+With fp32 parameters (`precision="fp32"`) the parameters *are* the master weights: the shard is
+updated in place in the flat parameter buffer and the optimizer holds only m and v, 8Ψ/N_d
+(as torch's `ZeroRedundancyOptimizer` around `torch.optim.AdamW`).
+
 `step()`:
 1. wait for the gradient reduce-scatter (`ZeroDataParallel.finish_grad_sync`);
 2. one all-reduce of ``[Σg², non-finite flag]`` over DP and over the extra model-parallel groups:
@@ -153,11 +157,14 @@ class Zero1AdamW(torch.optim.Optimizer):
                    for n, p in zip(model.param_names, model.params)]
 
         # This rank's shard: fp32 master weights and the two moments, one flat buffer each.
+        # fp32 parameters are their own master weights: no copy (8 B per owned element).
         L = model.layout
         dev = model.device
-        self.master = torch.zeros(L.shard_numel, dtype=torch.float32, device=dev)
-        self.exp_avg = torch.zeros_like(self.master)
-        self.exp_avg_sq = torch.zeros_like(self.master)
+        self.separate_master = precision != "fp32"
+        self._master = (torch.zeros(L.shard_numel, dtype=torch.float32, device=dev)
+                        if self.separate_master else None)
+        self.exp_avg = torch.zeros(L.shard_numel, dtype=torch.float32, device=dev)
+        self.exp_avg_sq = torch.zeros_like(self.exp_avg)
         grad_chunks = model.shard_grad_views()
         param_chunks = model.shard_param_views()
         # Runs of consecutive segments that share a group (one fused call each) and runs
@@ -182,9 +189,41 @@ class Zero1AdamW(torch.optim.Optimizer):
                                             param_chunks[b][local:local + n]))
                 else:
                     self._norm_runs.append((k, g))
-        with torch.no_grad():  # master weights start from the (all-equal) model parameters
+        if self.separate_master:
+            with torch.no_grad():  # master weights start from the (all-equal) model parameters
+                for _, sl, _, p in self._adam_runs:
+                    self._master[sl].copy_(p)
+
+    @property
+    def master(self) -> torch.Tensor:
+        """This rank's fp32 master-weight shard, flat (`layout.shard_numel`,).
+
+        bf16/fp16: the optimizer's own buffer. fp32: the parameters are the master weights, so
+        this is a *copy* gathered from this rank's chunks of the parameter buffer (for
+        inspection and checkpoints; writing to it changes nothing).
+        """
+        if self._master is not None:
+            return self._master
+        return torch.cat(self.model.shard_param_views())
+
+    @torch.no_grad()
+    def _set_master(self, flat: torch.Tensor) -> None:
+        """Overwrite this rank's master shard (flat, `layout.shard_numel`)."""
+        if self._master is not None:
+            self._master.copy_(flat)
             for _, sl, _, p in self._adam_runs:
-                self.master[sl].copy_(p)
+                p.copy_(self._master[sl])
+            return
+        L = self.model.layout
+        for b, chunk in enumerate(self.model.shard_param_views()):
+            s0 = L.shard_offset(b)
+            chunk.copy_(flat[s0:s0 + chunk.numel()])
+
+    def state_tensors(self) -> list[torch.Tensor]:
+        """The tensors the optimizer itself holds (for memory accounting): m, v and, unless
+        the parameters are fp32, the master weights."""
+        own = [self.exp_avg, self.exp_avg_sq]
+        return own if self._master is None else [self._master, *own]
 
     def add_param_group(self, param_group: dict) -> None:
         """Used by the constructor only: the shard layout is fixed once built.
@@ -269,7 +308,11 @@ class Zero1AdamW(torch.optim.Optimizer):
         for g_idx, sl, grad, param_copy in self._adam_runs:
             group = self.param_groups[g_idx]
             beta1, beta2 = group["betas"]
-            adamw_step_(self.master[sl], grad, self.exp_avg[sl], self.exp_avg_sq[sl],
+            if self._master is None:  # fp32: the parameter shard is the master
+                master, param_copy = param_copy, None
+            else:
+                master = self._master[sl]
+            adamw_step_(master, grad, self.exp_avg[sl], self.exp_avg_sq[sl],
                         step=self.num_steps, lr=group["lr"], beta1=beta1, beta2=beta2,
                         eps=group["eps"], weight_decay=group["weight_decay"],
                         param_copy=param_copy, impl=self.impl)
@@ -341,12 +384,10 @@ class Zero1AdamW(torch.optim.Optimizer):
                              f"rank={state['dp_rank']}, numel={state['numel']}; this optimizer "
                              f"has dp_size={L.dp}, rank={L.rank}, numel={L.numel} (or other buckets): use "
                              "full_state_dict()/load_full_state_dict() to change layouts")
-        self.master.copy_(state["master"])
+        self._set_master(state["master"].to(self.exp_avg.device))
         self.exp_avg.copy_(state["exp_avg"])
         self.exp_avg_sq.copy_(state["exp_avg_sq"])
         self._load_common(state)
-        for _, sl, _, p in self._adam_runs:
-            p.copy_(self.master[sl])
         self.all_gather_params()
 
     @torch.no_grad()
@@ -387,8 +428,10 @@ class Zero1AdamW(torch.optim.Optimizer):
         missing = set(m.param_names) - set(state["master"])
         if missing:
             raise ValueError(f"full state dict lacks parameters {sorted(missing)[:5]}")
-        for key, shard in (("master", self.master), ("exp_avg", self.exp_avg),
-                           ("exp_avg_sq", self.exp_avg_sq)):
+        shards = [("exp_avg", self.exp_avg), ("exp_avg_sq", self.exp_avg_sq)]
+        if self._master is not None:  # (fp32: the parameters, set below, are the master)
+            shards.append(("master", self._master))
+        for key, shard in shards:
             for s in L.segments:
                 src = state[key][m.param_names[s.param]].reshape(-1)
                 shard[s.shard_start:s.shard_start + s.numel] = src[s.param_start:

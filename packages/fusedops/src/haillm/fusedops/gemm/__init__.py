@@ -6,8 +6,8 @@
 * `SwiGLUMLP`: the LLaMA MLP built on the three.
 """
 
+from haillm.fusedops.gemm.functional import linear_residual, linear_swiglu
 from haillm.fusedops.gemm.modules import MergedLinear, SwiGLUMLP
-from haillm.fusedops.gemm.ops import linear_residual, linear_swiglu
 from haillm.fusedops.gemm.reference import (
     linear_residual_reference,
     linear_swiglu_reference,

@@ -23,7 +23,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from haillm.fusedops.gemm.ops import linear_residual, linear_swiglu
+from haillm.fusedops.gemm.functional import linear_residual, linear_swiglu
 
 __all__ = ["MergedLinear", "SwiGLUMLP"]
 

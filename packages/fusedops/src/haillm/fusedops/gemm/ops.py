@@ -1,4 +1,5 @@
-"""Launchers, autograd Functions and the public `linear_swiglu` / `linear_residual`.
+"""Launchers and autograd Functions of `linear_swiglu` / `linear_residual` (the public
+functions, their checks and the impl choice: `functional.py`).
 
 Backward of `linear_swiglu` (a choice, documented in the tutorial): we save only ``x`` and
 ``w_gate_up`` and *recompute* gate and up in the backward, inside the same dual-GEMM kernel
@@ -18,11 +19,10 @@ from __future__ import annotations
 
 import functools
 import os
-import warnings
 
 import torch
 
-from haillm.fusedops.gemm.reference import linear_residual_reference, linear_swiglu_reference
+from haillm.fusedops._dispatch import interpreting as _interpreting
 
 try:  # Triton is optional (e.g. macOS); the reference path works without it.
     import triton
@@ -39,14 +39,8 @@ try:  # host-side TMA descriptors (triton >= 3.4)
 except ImportError:  # pragma: no cover
     TensorDescriptor = None
 
-__all__ = ["linear_residual", "linear_swiglu"]
-
-_IMPLS = ("auto", "reference", "triton")
-_KERNEL_DTYPES = (torch.float16, torch.bfloat16, torch.float32)
-
-
-def _interpreting() -> bool:
-    return os.environ.get("TRITON_INTERPRET", "0") == "1"
+__all__ = ["LinearResidualFn", "LinearSwiGLUFn", "residual_fwd_triton", "swiglu_bwd_triton",
+           "swiglu_fwd_triton"]
 
 
 def _autotune_configs(two_accumulators: bool, fp32: bool = False, hopper: bool = True):
@@ -265,126 +259,3 @@ class LinearResidualFn(torch.autograd.Function):
         dw = dy2.t() @ x2 if ctx.needs_input_grad[1] else None  # (N, K)
         dr = dy.to(ctx.r_dtype) if ctx.needs_input_grad[2] else None
         return dx, dw, dr
-
-
-# --------------------------------------------------------------------------- checks, dispatch
-def _autocast(*tensors: torch.Tensor) -> tuple[torch.Tensor, ...]:
-    """Inside ``torch.autocast``, cast GEMM operands to the autocast dtype, as nn.Linear does."""
-    dev = tensors[0].device.type
-    try:
-        enabled = torch.is_autocast_enabled(dev)
-    except TypeError:  # torch < 2.4 has no device_type argument
-        enabled = dev == "cuda" and torch.is_autocast_enabled()
-    if not enabled:
-        return tensors
-    dt = torch.get_autocast_dtype(dev) if hasattr(torch, "get_autocast_dtype") else \
-        torch.get_autocast_gpu_dtype()
-    return tuple(t.to(dt) for t in tensors)
-
-
-def _check_common(x, weight, wname: str, extra=()):
-    if not all(isinstance(t, torch.Tensor) for t in (x, weight, *(t for _, t in extra))):
-        raise TypeError(f"x, {wname}{''.join(', ' + n for n, _ in extra)} must be tensors")
-    if weight.dim() != 2:
-        raise ValueError(f"{wname} must be 2-D in nn.Linear layout, got shape {tuple(weight.shape)}")
-    if x.dim() < 1:
-        raise ValueError("x must have at least one dimension (..., K)")
-    if x.shape[-1] != weight.shape[1]:
-        raise ValueError(f"x's last dim (K={x.shape[-1]}) must equal {wname}.shape[1] "
-                         f"({weight.shape[1]}); {wname} has shape {tuple(weight.shape)}")
-    if weight.dtype != x.dtype:
-        raise TypeError(f"{wname} dtype {weight.dtype} must equal x dtype {x.dtype}")
-    for name, t in ((wname, weight), *extra):
-        if not t.is_floating_point():
-            raise TypeError(f"{name} must be a floating-point tensor, got {t.dtype}")
-        if t.device != x.device:
-            raise ValueError(f"{name} is on {t.device} but x is on {x.device}")
-
-
-def _use_triton(impl: str, x: torch.Tensor, op: str) -> bool:
-    """Decide the path; a fast path that cannot run falls back to the reference with a warning."""
-    if impl not in _IMPLS:
-        raise ValueError(f"impl must be one of {_IMPLS}, got {impl!r}")
-    if impl == "reference" or (impl == "auto" and not x.is_cuda):
-        return False
-    why = None
-    if not HAS_TRITON:
-        why = "triton is not installed"
-    elif not x.is_cuda and not _interpreting():
-        why = f"x is on {x.device}; Triton needs a CUDA tensor (or TRITON_INTERPRET=1)"
-    elif x.dtype not in _KERNEL_DTYPES:
-        why = f"the kernel supports fp16/bf16/fp32, not {x.dtype}"
-    if why is not None:
-        warnings.warn(f"{op}: falling back to the PyTorch reference: {why}", stacklevel=3)
-        return False
-    return True
-
-
-def linear_swiglu(x: torch.Tensor, w_gate_up: torch.Tensor, *, impl: str = "auto") -> torch.Tensor:
-    """Fused SwiGLU projection ``silu(x @ W_gate.T) * (x @ W_up.T)``.
-
-    One Triton kernel computes both GEMM accumulators per output tile in fp32 and applies the
-    activation in its epilogue: the two (M, N) products are never written to memory. The
-    backward recomputes them from the saved ``x`` and ``w_gate_up`` (one extra GEMM instead of
-    2*M*N stored activations) in a second dual-GEMM kernel whose epilogue emits
-    ``[dL/dgate, dL/dup]``, then finishes with two torch matmuls.
-
-    Args:
-        x: (..., K) activations; leading dims are flattened to M rows. fp16, bf16 or fp32
-            (fp64 runs the reference).
-        w_gate_up: (2N, K) ``torch.cat([W_gate, W_up])``, nn.Linear layout, same dtype and
-            device as x (e.g. `MergedLinear.weight` with two equal parts).
-        impl: "auto" (Triton on CUDA, reference on CPU), "triton" or "reference".
-
-    Returns:
-        (..., N) tensor in x's dtype. Under ``torch.autocast`` x and w_gate_up are cast to
-        the autocast dtype first (as nn.Linear's operands are).
-
-    Raises:
-        ValueError: odd number of rows in w_gate_up, K mismatch, device mismatch, bad impl.
-        TypeError: dtype mismatch.
-    """
-    if isinstance(x, torch.Tensor) and isinstance(w_gate_up, torch.Tensor):
-        x, w_gate_up = _autocast(x, w_gate_up)
-    _check_common(x, w_gate_up, "w_gate_up")
-    if w_gate_up.shape[0] % 2 != 0:
-        raise ValueError(f"w_gate_up rows ({w_gate_up.shape[0]}) must be even: it is "
-                         f"cat([W_gate, W_up]) of shape (2N, K), got {tuple(w_gate_up.shape)}")
-    if not _use_triton(impl, x, "linear_swiglu"):
-        return linear_swiglu_reference(x, w_gate_up)
-    return LinearSwiGLUFn.apply(x, w_gate_up)
-
-
-def linear_residual(x: torch.Tensor, weight: torch.Tensor, residual: torch.Tensor, *,
-                    impl: str = "auto") -> torch.Tensor:
-    """``x @ weight.T + residual`` with the add fused into the GEMM's epilogue.
-
-    Saves one write and one read of the (M, N) product (and a kernel launch) against
-    ``F.linear(x, weight) + residual``; the sum is rounded once, from fp32.
-
-    Args:
-        x: (..., K) input.
-        weight: (N, K) nn.Linear weight, same dtype/device as x.
-        residual: (..., N) the residual stream, same leading shape and device as x; any
-            float dtype (e.g. an fp32 residual stream with bf16 GEMM operands).
-        impl: "auto" (Triton on CUDA, reference on CPU), "triton" or "reference".
-
-    Returns:
-        (..., N) tensor of dtype ``promote_types(x.dtype, residual.dtype)``, as
-        ``x @ weight.T + residual`` would give. Under ``torch.autocast`` x and weight are
-        cast to the autocast dtype first (as nn.Linear's are).
-
-    Raises:
-        ValueError: K mismatch, residual shape mismatch, device mismatch, bad impl.
-        TypeError: x/weight dtype mismatch, non-float residual.
-    """
-    if isinstance(x, torch.Tensor) and isinstance(weight, torch.Tensor):
-        x, weight = _autocast(x, weight)
-    _check_common(x, weight, "weight", extra=(("residual", residual),))
-    expected = (*x.shape[:-1], weight.shape[0])
-    if tuple(residual.shape) != expected:
-        raise ValueError(f"residual must have shape x.shape[:-1] + (weight.shape[0],) = "
-                         f"{expected}, got {tuple(residual.shape)}")
-    if not _use_triton(impl, x, "linear_residual"):
-        return linear_residual_reference(x, weight, residual)
-    return LinearResidualFn.apply(x, weight, residual)

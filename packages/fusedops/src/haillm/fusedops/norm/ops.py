@@ -27,7 +27,7 @@ def _warps(block: int) -> int:
 
 def norm_fwd(x2, weight, bias, residual2, eps, is_rms, block_n=None):
     """x2, residual2: (M, N) with unit column stride. Returns y, h (or None), mean, rstd."""
-    from haillm.fusedops.norm_kernels import norm_fwd_kernel
+    from haillm.fusedops.norm.kernels import norm_fwd_kernel
 
     M, N = x2.shape
     y = torch.empty_like(x2)
@@ -54,7 +54,7 @@ def norm_fwd(x2, weight, bias, residual2, eps, is_rms, block_n=None):
 
 def norm_bwd(dy2, h2, weight, bias, mean, rstd, dh_in2, dx_dtype, is_rms, block_n=None):
     """Returns dx (M, N) in dx_dtype, dw, db (fp32 reductions cast to the params' dtypes)."""
-    from haillm.fusedops.norm_kernels import norm_bwd_kernel
+    from haillm.fusedops.norm.kernels import norm_bwd_kernel
 
     M, N = h2.shape
     dx = torch.empty(M, N, dtype=dx_dtype, device=h2.device)

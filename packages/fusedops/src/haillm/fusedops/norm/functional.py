@@ -1,7 +1,7 @@
 """`layer_norm`, `rms_norm` and the `LayerNorm`, `RMSNorm` modules (dispatch + validation).
 
-The teaching version is `norm_reference` (PyTorch, fp32 statistics, autograd for the
-gradients); the real one (`norm_kernels`) computes forward and backward in one pass per row,
+The teaching version is `reference` (PyTorch, fp32 statistics, autograd for the gradients);
+the real one (`kernels`, launched by `ops`) computes forward and backward in one pass per row,
 fuses the residual add of pre-norm blocks, and reduces dw/db without atomics.
 """
 
@@ -11,8 +11,8 @@ import torch
 from torch import nn
 
 from haillm.fusedops._dispatch import resolve_impl
-from haillm.fusedops.norm_ops import NormFn
-from haillm.fusedops.norm_reference import Out, layer_norm_reference, rms_norm_reference
+from haillm.fusedops.norm.ops import NormFn
+from haillm.fusedops.norm.reference import Out, layer_norm_reference, rms_norm_reference
 
 _DTYPES = (torch.float32, torch.float16, torch.bfloat16, torch.float64)
 
@@ -40,11 +40,8 @@ def _check(op, x, weight, bias, residual):
 
 
 def _backend(op, impl, x):
-    backend = resolve_impl(impl, x, op=op)
-    if backend == "triton" and x.dtype == torch.float64:
-        raise TypeError(f"{op}: the Triton kernel supports fp32/fp16/bf16, not float64; use "
-                        "impl='torch'")
-    return backend
+    """"triton", or "torch" / "reference": the same PyTorch code for the norms (one path)."""
+    return resolve_impl(impl, x, op=op)
 
 
 def layer_norm(x: torch.Tensor, weight: torch.Tensor | None, bias: torch.Tensor | None,
@@ -58,7 +55,8 @@ def layer_norm(x: torch.Tensor, weight: torch.Tensor | None, bias: torch.Tensor 
         bias: (N,) or None.
         eps: added to the variance.
         residual: (..., N) or None. When given, h = x + residual is formed in the same pass.
-        impl: "auto" (Triton on CUDA, PyTorch on CPU), "triton", "torch".
+        impl: "auto" (Triton on CUDA, PyTorch on CPU), "triton", "torch" or "reference"
+            (the same PyTorch code for the norms; see docs/architecture.md for the policy).
         block_n: column block of the Triton kernel (default: the whole row up to 64 KB).
 
     Returns:
@@ -66,7 +64,7 @@ def layer_norm(x: torch.Tensor, weight: torch.Tensor | None, bias: torch.Tensor 
         promoted dtype of x and residual) when residual is given.
     """
     _check("layer_norm", x, weight, bias, residual)
-    if _backend("layer_norm", impl, x) == "torch":
+    if _backend("layer_norm", impl, x) != "triton":
         return layer_norm_reference(x, weight, bias, eps, residual=residual,
                                     dtype=torch.float64 if x.dtype == torch.float64
                                     else torch.float32)
@@ -83,14 +81,14 @@ def rms_norm(x: torch.Tensor, weight: torch.Tensor | None, eps: float = 1e-6, *,
         weight: (N,) or None.
         eps: added to the mean square.
         residual: (..., N) or None.
-        impl: "auto", "triton" or "torch" (see `layer_norm`).
+        impl: "auto", "triton", "torch" or "reference" (see `layer_norm`).
         block_n: column block of the Triton kernel.
 
     Returns:
         y (..., N) in x.dtype; or (y, h) with h = x + residual when residual is given.
     """
     _check("rms_norm", x, weight, None, residual)
-    if _backend("rms_norm", impl, x) == "torch":
+    if _backend("rms_norm", impl, x) != "triton":
         return rms_norm_reference(x, weight, eps, residual=residual,
                                   dtype=torch.float64 if x.dtype == torch.float64
                                   else torch.float32)

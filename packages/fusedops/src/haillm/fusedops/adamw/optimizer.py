@@ -25,7 +25,7 @@ from dataclasses import dataclass, field
 
 import torch
 
-from haillm.fusedops.adamw import adamw_step_
+from haillm.fusedops.adamw.ops import adamw_step_
 
 
 @dataclass

@@ -13,19 +13,19 @@ logits afterwards gets wrong numbers, and an autograd node that had saved them (
 `mark_dirty` (their version counter is bumped, so a node that saved them raises in backward)
 and become an output of our node (so a later graph that uses them raises too).
 
-CPU path (`impl="torch"`): the same algorithm in PyTorch, a chunk of rows at a time, so the
-temporary memory is one chunk, not N x V. Triton path: `cross_entropy_kernels`.
+The three impls (`ops.py`): "torch" (chunked PyTorch, what `auto` runs on CPU), "triton"
+(`kernels.py`) and "reference" (`reference.py`); all of them write the gradient over the logits.
 """
 
 from __future__ import annotations
 
 import torch
 
-from haillm.fusedops._dispatch import interpreting, next_pow2, resolve_impl
+from haillm.fusedops._dispatch import resolve_impl
+from haillm.fusedops.cross_entropy.ops import InplaceCrossEntropyFn, _forward
 
 _DTYPES = (torch.float32, torch.float16, torch.bfloat16)
 _REDUCTIONS = ("mean", "sum", "none")
-CHUNK_ELEMENTS = 1 << 22  # CPU path: rows per chunk such that a chunk is ~4M elements (16 MB fp32)
 
 
 def _validate(logits, target, ignore_index, reduction, label_smoothing, z_loss):
@@ -66,119 +66,9 @@ def _validate(logits, target, ignore_index, reduction, label_smoothing, z_loss):
                          f"[0, {V}) and is not ignore_index ({ignore_index})")
 
 
-def _rows_torch(x2d, t, n_valid, *, ignore_index, label_smoothing, z_loss, mean, write_grad):
-    """PyTorch path, a chunk of rows at a time: per-row loss and lse; grad over x2d if asked."""
-    N, V = x2d.shape
-    losses = torch.empty(N, dtype=torch.float32, device=x2d.device)
-    lses = torch.empty_like(losses)
-    eps = label_smoothing
-    rows = max(1, CHUNK_ELEMENTS // V)
-    for i in range(0, N, rows):
-        xc, tc = x2d[i:i + rows], t[i:i + rows]
-        x = xc.float()                                   # (n, V) fp32: a copy unless fp32
-        valid = tc != ignore_index
-        ts = torch.where(valid, tc, 0).long().unsqueeze(1)  # (n, 1) safe indices
-        lse = torch.logsumexp(x, dim=1)                  # (n,)
-        loss = lse - (1.0 - eps) * x.gather(1, ts).squeeze(1)
-        if eps:
-            loss = loss - eps * x.sum(1) / V
-        if z_loss:
-            loss = loss + z_loss * lse * lse
-        losses[i:i + rows] = torch.where(valid, loss, 0.0)
-        lses[i:i + rows] = torch.where(valid, lse, 0.0)
-        if write_grad:
-            p = x.sub_(lse.unsqueeze(1)).exp_()          # softmax, in place (over xc if fp32)
-            if z_loss:
-                p.mul_((1.0 + 2.0 * z_loss * lse).unsqueeze(1))
-            if eps:
-                p.sub_(eps / V)
-            p.scatter_add_(1, ts, torch.full_like(ts, -(1.0 - eps), dtype=p.dtype))
-            scale = valid.to(p.dtype)
-            if mean:
-                scale = scale / n_valid
-            p.mul_(scale.unsqueeze(1))                   # ignored rows -> 0
-            if p.data_ptr() != xc.data_ptr():
-                xc.copy_(p)
-    return losses, lses
-
-
-def _rows_triton(x2d, t, n_valid, *, ignore_index, label_smoothing, z_loss, mean, write_grad):
-    from haillm.fusedops.cross_entropy_kernels import cross_entropy_fwd_bwd_kernel
-
-    N, V = x2d.shape
-    losses = torch.empty(N, dtype=torch.float32, device=x2d.device)
-    lses = torch.empty_like(losses)
-    if N == 0:
-        return losses, lses
-    block = min(next_pow2(V), 1024 if interpreting() else 8192 // x2d.element_size())
-    cross_entropy_fwd_bwd_kernel[(N,)](
-        x2d, x2d.stride(0), t, losses, lses, n_valid, V, ignore_index,
-        float(label_smoothing), float(z_loss),
-        MEAN=mean, WRITE_GRAD=write_grad, BLOCK=block, num_warps=8 if block >= 2048 else 4,
-    )
-    return losses, lses
-
-
-def _forward(logits, target, *, ignore_index, reduction, label_smoothing, z_loss, backend,
-             write_grad, vocab=None):
-    V = vocab or logits.shape[-1]
-    try:
-        x2d = logits.view(-1, V)                          # (N, V), same storage
-    except RuntimeError as e:
-        raise ValueError(f"inplace_cross_entropy: logits of shape {tuple(logits.shape)} and "
-                         f"strides {logits.stride()} cannot be viewed as (N, V) rows") from e
-    t = target.reshape(-1)                                # (N,)
-    n_valid = (t != ignore_index).sum().to(torch.float32)  # () on the device: no host sync
-    rows = _rows_triton if backend == "triton" else _rows_torch
-    losses, _ = rows(x2d, t, n_valid, ignore_index=ignore_index,
-                     label_smoothing=label_smoothing, z_loss=z_loss,
-                     mean=reduction == "mean", write_grad=write_grad)
-    if reduction == "none":
-        return losses.view(target.shape)
-    if reduction == "sum":
-        return losses.sum()
-    return losses.sum() / n_valid
-
-
 _LEAF_MSG = ("inplace_cross_entropy: logits is a leaf tensor that requires grad (or a view of "
              "one); its storage would be overwritten by the gradient. Pass the output of the LM "
              "head (a non-leaf), or logits.clone() when testing.")
-
-
-class InplaceCrossEntropyFn(torch.autograd.Function):
-    """Forward computes the loss AND writes the (pre-scaled) gradient over the logits."""
-
-    @staticmethod
-    def forward(ctx, logits, target, ignore_index, reduction, label_smoothing, z_loss, backend,
-                vocab):
-        loss = _forward(logits, target, ignore_index=ignore_index, reduction=reduction,
-                        label_smoothing=label_smoothing, z_loss=z_loss, backend=backend,
-                        write_grad=True, vocab=vocab)
-        # The logits were overwritten: bump their version and make them our output, so that
-        # (a) a node that saved them raises in its backward, (b) using them later routes a
-        # gradient into our backward, which raises a clear error instead of corrupting.
-        ctx.mark_dirty(logits)
-        ctx.set_materialize_grads(False)  # no N x V zero gradient for the unused output
-        ctx.save_for_backward(logits)
-        ctx.reduction, ctx.vocab = reduction, vocab
-        return loss, logits
-
-    @staticmethod
-    def backward(ctx, grad_loss, grad_logits):
-        if grad_logits is not None:
-            raise RuntimeError(
-                "inplace_cross_entropy overwrote the logits with dL/dlogits: they were used "
-                "again after the loss (their values are now gradients). Compute anything else "
-                "that needs the logits (accuracy, z-loss, ...) before the loss, or clone them.")
-        (grad,) = ctx.saved_tensors
-        if grad_loss is None:
-            return (None,) * 8
-        if ctx.reduction == "none":
-            # (N, V) *= (N, 1); `grad` may be the whole base of a (N, V) view (same storage)
-            grad.view(-1, ctx.vocab).mul_(grad_loss.reshape(-1, 1))
-        else:
-            grad.mul_(grad_loss)                 # the stored gradient, scaled in place
-        return grad, None, None, None, None, None, None, None
 
 
 def inplace_cross_entropy(logits: torch.Tensor, target: torch.Tensor, *, ignore_index: int = -100,
@@ -195,7 +85,9 @@ def inplace_cross_entropy(logits: torch.Tensor, target: torch.Tensor, *, ignore_
         reduction: "mean" (over non-ignored rows), "sum" or "none".
         label_smoothing: eps in [0, 1], as `F.cross_entropy`.
         z_loss: coefficient z of the extra z * logsumexp^2 per row (PaLM's z-loss).
-        impl: "auto" (Triton on CUDA, PyTorch on CPU), "triton", "torch".
+        impl: "auto" (Triton on CUDA, the chunked PyTorch path on CPU), "triton", "torch"
+            (the chunked PyTorch path) or "reference" (`cross_entropy_reference`, whose
+            gradient is then written over the logits too). See docs/architecture.md.
 
     Returns:
         fp32 loss: () for "mean"/"sum", (N,) for "none".

@@ -1,7 +1,7 @@
 """`adamw_step_` (one fused AdamW pass over flat buffers) and its launcher.
 
-The teaching version is `adamw_reference.adamw_step_reference_` (six PyTorch ops, each a full
-pass over memory); the real one (`adamw_kernels.adamw_kernel`) is one pass that reads and
+The teaching version is `reference.adamw_step_reference_` (six PyTorch ops, each a full
+pass over memory); the real one (`kernels.adamw_kernel`) is one pass that reads and
 writes every buffer exactly once.
 """
 
@@ -12,7 +12,7 @@ import math
 import torch
 
 from haillm.fusedops._dispatch import interpreting, resolve_impl
-from haillm.fusedops.adamw_reference import adamw_step_reference_
+from haillm.fusedops.adamw.reference import adamw_step_reference_
 
 _FLOATS = (torch.float32, torch.float16, torch.bfloat16)
 
@@ -48,7 +48,7 @@ def adamw_step_triton_(param, grad, exp_avg, exp_avg_sq, *, step, lr, beta1, bet
     """Launch the one-pass AdamW kernel (see `adamw_step_` for the arguments)."""
     import triton
 
-    from haillm.fusedops.adamw_kernels import adamw_kernel
+    from haillm.fusedops.adamw.kernels import adamw_kernel
 
     n = param.numel()
     if n == 0:

@@ -7,7 +7,9 @@ Per non-ignored row i with target t and smoothing eps (the `F.cross_entropy` def
 
 The last term is the z-loss of PaLM (Chowdhery et al. 2022, section 5), which keeps the
 softmax normaliser near 1. Ignored rows contribute 0; "mean" divides by the number of
-non-ignored rows. This version materialises the (N, V) log-softmax (and autograd its gradient):
+non-ignored rows; with none, the loss is NaN (0/0, as `F.cross_entropy`) and the gradient is
+zero (as `F.cross_entropy`), so an all-padding micro-batch cannot poison the weights. This
+version materialises the (N, V) log-softmax (and autograd its gradient):
 exactly the memory the in-place kernel avoids.
 """
 
@@ -41,4 +43,8 @@ def cross_entropy_reference(logits: torch.Tensor, target: torch.Tensor, *,
         return loss
     if reduction == "sum":
         return loss.sum()
-    return loss.sum() / valid.sum()
+    n = valid.sum()
+    # 0/0 = NaN for the value, but the gradient must be 0 (not 0 * 1/0 = NaN): divide by
+    # max(n, 1) and put the NaN in through where(), which sends no gradient to that branch.
+    mean = loss.sum() / n.clamp(min=1)
+    return torch.where(n > 0, mean, torch.full_like(mean, float("nan")))
