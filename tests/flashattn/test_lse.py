@@ -76,12 +76,14 @@ def test_lse_fp64_and_its_gradient(impl, b, sq, sk, hk, g, d, causal, scale, see
 @given(**shapes)
 @example(b=1, sq=20, sk=7, hk=1, g=2, d=5, causal=True, scale=0.5, seed=1)
 def test_lse_triton_fp32(b, sq, sk, hk, g, d, causal, scale, seed):
-    """The Triton forward's base-2 lse, converted: equal to the fp32 reference's (both fp32)."""
+    """The Triton forward's base-2 lse, converted: equal to the direct fp64 logsumexp at the
+    fp32 tolerance, and to the fp32 reference's; its backward from (out, lse) likewise."""
     q, k, v, do = make_qkv(b, sq, sk, hk * g, hk, d, dtype=torch.float32, seed=seed)
     out, lse = flash_attention(q, k, v, causal=causal, softmax_scale=scale, impl="triton",
                                return_lse=True)
     ref_out, ref_lse = flash_attention(q, k, v, causal=causal, softmax_scale=scale,
                                        impl="reference", return_lse=True)
+    check_lse(lse, direct_lse(q, k, causal, scale), torch.float32)
     check_lse(lse, ref_lse.double(), torch.float32)
     got = flash_attention_backward(do, q, k, v, out, lse, causal=causal, softmax_scale=scale,
                                    impl="triton")

@@ -42,6 +42,7 @@ import torch.distributed as dist
 
 from .comm import group_rank, group_size
 from .mappings import gather_along
+from .trace import span
 
 __all__ = ["context_parallel_attention", "gather_sequence", "split_sequence"]
 
@@ -165,9 +166,12 @@ class _Ring:
 
 
 def _wait(pending) -> None:
+    """Wait for a step's P2P; under a `Tracer` the time spent here is the *exposed*
+    communication (what the block computation did not hide), event "cp_wait"."""
     works, _keep_alive = pending
-    for w in works:
-        w.wait()
+    with span("comm", "cp_wait"):
+        for w in works:
+            w.wait()
 
 
 _ALL = slice(None)
@@ -220,10 +224,11 @@ class _RingAttention(torch.autograd.Function):
             blk = _block(i, (r - i) % cp, r, S, causal, load_balance)
             if blk is not None:
                 qs, ks, bc = blk
-                o_b, l_b = flash_attention(q[:, qs], kv[0][:, ks], kv[1][:, ks], causal=bc,
-                                           softmax_scale=scale, impl=impl, return_lse=True)
-                out[:, qs], lse[:, :, qs] = _merge(out[:, qs], lse[:, :, qs], o_b.to(acc),
-                                                   l_b.to(acc))
+                with span("compute", "cp_block_fwd"):
+                    o_b, l_b = flash_attention(q[:, qs], kv[0][:, ks], kv[1][:, ks], causal=bc,
+                                               softmax_scale=scale, impl=impl, return_lse=True)
+                    out[:, qs], lse[:, :, qs] = _merge(out[:, qs], lse[:, :, qs], o_b.to(acc),
+                                                       l_b.to(acc))
             if i + 1 < cp:
                 _wait(pending)
                 kv = nxt
@@ -252,10 +257,11 @@ class _RingAttention(torch.autograd.Function):
             blk = _block(i, (r - i) % cp, r, S, causal, load_balance)
             if blk is not None:
                 qs, ks, bc = blk
-                dq_b, dk_b, dv_b = flash_attention_backward(
-                    dout[:, qs], q[:, qs], kv[0][:, ks], kv[1][:, ks], out[:, qs],
-                    lse[:, :, qs], causal=bc, softmax_scale=scale, impl=impl)
-                dq[:, qs] += dq_b.to(acc)
+                with span("compute", "cp_block_bwd"):
+                    dq_b, dk_b, dv_b = flash_attention_backward(
+                        dout[:, qs], q[:, qs], kv[0][:, ks], kv[1][:, ks], out[:, qs],
+                        lse[:, :, qs], causal=bc, softmax_scale=scale, impl=impl)
+                    dq[:, qs] += dq_b.to(acc)
             # The dK/dV accumulator of the K/V block held now arrives one hop behind it.
             if dkv_recv is None:
                 dkv = torch.zeros(kv.shape, dtype=acc, device=q.device)
