@@ -9,10 +9,10 @@ import torch
 
 from .checks import TRITON_DTYPES, TRITON_MAX_HEADDIM, check_cu_seqlens, check_impl, check_qkv
 from .checks import interpreting as _interpreting
-from .reference import attention_reference
-from .tiled import tiled_attention
+from .reference import attention_reference, attention_reference_backward
+from .tiled import tiled_attention, tiled_attention_backward
 
-__all__ = ["flash_attention", "flash_attention_varlen", "resolve_impl"]
+__all__ = ["flash_attention", "flash_attention_backward", "flash_attention_varlen", "resolve_impl"]
 
 
 def _triton_available() -> tuple[bool, str]:
@@ -63,7 +63,8 @@ def resolve_impl(impl: str, q: torch.Tensor) -> str:
 
 
 def flash_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, *, causal: bool = False,
-                    softmax_scale: float | None = None, impl: str = "auto") -> torch.Tensor:
+                    softmax_scale: float | None = None, impl: str = "auto",
+                    return_lse: bool = False) -> torch.Tensor | tuple[torch.Tensor, torch.Tensor]:
     """Exact attention softmax(q kᵀ · scale) v without materialising the score matrix.
 
     Args:
@@ -78,18 +79,23 @@ def flash_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, *, causal
             blockwise online softmax, backward recomputes), "triton" (FlashAttention-2
             kernels; CUDA, or CPU under TRITON_INTERPRET=1), "auto" (triton on CUDA, torch on
             CPU). An explicit "triton" that cannot run raises; see docs/architecture.md.
+        return_lse: also return the logsumexp of each query row's scaled scores, the piece
+            that merges partial attentions (ring attention, `haillm.parallel`).
 
     Returns:
         (batch, seqlen_q, nheads, headdim) in q.dtype; differentiable in q, k and v.
+        With return_lse: (out, lse), lse (batch, nheads, seqlen_q) float32 (float64 for
+        float64 inputs), natural log, +inf for rows that see no key; differentiable too.
     """
     check_impl(impl)
     check_qkv(q, k, v, impl=impl)
     scale = 1.0 / math.sqrt(q.shape[-1]) if softmax_scale is None else float(softmax_scale)
     which = resolve_impl(impl, q)
     if which == "reference":
-        return attention_reference(q, k, v, causal=causal, softmax_scale=scale)
+        return attention_reference(q, k, v, causal=causal, softmax_scale=scale,
+                                   return_lse=return_lse)
     if which == "tiled":
-        return tiled_attention(q, k, v, causal=causal, softmax_scale=scale)
+        return tiled_attention(q, k, v, causal=causal, softmax_scale=scale, return_lse=return_lse)
     from .ops import triton_attention_packed
 
     B, Sq, H, D = q.shape
@@ -97,9 +103,61 @@ def flash_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, *, causal
     cu_q = torch.arange(0, (B + 1) * Sq, Sq, dtype=torch.int32, device=q.device)  # (B + 1,)
     cu_k = torch.arange(0, (B + 1) * Sk, Sk, dtype=torch.int32, device=q.device)
     pack = lambda t: t.reshape(t.shape[0] * t.shape[1], t.shape[2], t.shape[3])  # (B*S, H, D)
-    out = triton_attention_packed(pack(q), pack(k), pack(v), cu_q, cu_k, Sq, Sk, causal=causal,
-                                  softmax_scale=scale)
-    return out.view(B, Sq, H, D)
+    out, lse = triton_attention_packed(pack(q), pack(k), pack(v), cu_q, cu_k, Sq, Sk,
+                                       causal=causal, softmax_scale=scale, return_lse=True)
+    out = out.view(B, Sq, H, D)
+    if not return_lse:
+        return out
+    return out, lse.view(H, B, Sq).permute(1, 0, 2).contiguous()  # (H, B*Sq) -> (B, H, Sq)
+
+
+def flash_attention_backward(dout: torch.Tensor, q: torch.Tensor, k: torch.Tensor,
+                             v: torch.Tensor, out: torch.Tensor, lse: torch.Tensor, *,
+                             causal: bool = False, softmax_scale: float | None = None,
+                             impl: str = "auto") -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """The attention backward alone, from a *given* output and logsumexp (FlashAttention-2).
+
+    Recomputes P = exp(q kᵀ · scale - lse) block by block and uses D = rowsum(dout ∘ out).
+    With (out, lse) = flash_attention(q, k, v, return_lse=True) it is the gradient of
+    `flash_attention`; with the (out, lse) of an attention over more keys, of which (k, v) is
+    one block, it is that block's share: dq summed over the blocks, dk and dv of this block.
+    That is how ring attention's backward works (`haillm.parallel.context_parallel_attention`).
+
+    Args:
+        dout, out: (batch, seqlen_q, nheads, headdim).
+        q: (batch, seqlen_q, nheads, headdim); k, v: (batch, seqlen_k, nheads_kv, headdim).
+        lse: (batch, nheads, seqlen_q), natural log, as `flash_attention(..., return_lse=True)`.
+        causal, softmax_scale, impl: as in `flash_attention`.
+
+    Returns:
+        (dq, dk, dv) in the dtypes of q, k, v; not part of any autograd graph.
+    """
+    check_impl(impl)
+    check_qkv(q, k, v, impl=impl)
+    B, Sq, H, D = q.shape
+    Sk = k.shape[1]
+    for name, t, shape in (("dout", dout, q.shape), ("out", out, q.shape), ("lse", lse, (B, H, Sq))):
+        if tuple(t.shape) != tuple(shape):
+            raise ValueError(f"{name} must have shape {tuple(shape)}, got {tuple(t.shape)}")
+    scale = 1.0 / math.sqrt(D) if softmax_scale is None else float(softmax_scale)
+    which = resolve_impl(impl, q)
+    with torch.no_grad():
+        if which == "reference":
+            return attention_reference_backward(dout, q, k, v, out, lse, causal=causal,
+                                                softmax_scale=scale)
+        if which == "tiled":
+            return tiled_attention_backward(dout, q, k, v, out, lse, causal=causal,
+                                            softmax_scale=scale)
+        from .ops import triton_attention_backward_packed
+
+        cu_q = torch.arange(0, (B + 1) * Sq, Sq, dtype=torch.int32, device=q.device)
+        cu_k = torch.arange(0, (B + 1) * Sk, Sk, dtype=torch.int32, device=q.device)
+        pack = lambda t: t.reshape(t.shape[0] * t.shape[1], t.shape[2], t.shape[3])
+        lse_p = lse.permute(1, 0, 2).reshape(H, B * Sq)  # (B, H, Sq) -> (H, B*Sq)
+        dq, dk, dv = triton_attention_backward_packed(
+            pack(dout), pack(q), pack(k), pack(v), pack(out), lse_p, cu_q, cu_k, Sq, Sk,
+            causal=causal, softmax_scale=scale)
+        return dq.view(q.shape), dk.view(k.shape), dv.view(v.shape)
 
 
 def flash_attention_varlen(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,

@@ -20,7 +20,7 @@ import triton
 from . import kernels
 from .checks import interpreting
 
-__all__ = ["TritonAttention", "triton_attention_packed"]
+__all__ = ["TritonAttention", "triton_attention_backward_packed", "triton_attention_packed"]
 
 INTERPRET = interpreting()  # read once: the kernels were defined for one mode
 AUTOTUNE = (not INTERPRET) and os.environ.get("HAILLM_FLASHATTN_AUTOTUNE", "0") == "1"
@@ -139,7 +139,8 @@ def _fwd(q, k, v, cu_q, cu_k, max_sq, max_sk, causal, scale):
     return o, lse
 
 
-def _bwd(do, q, k, v, o, lse, cu_q, cu_k, max_sq, max_sk, causal, scale):
+def _bwd(do, q, k, v, o, lse, cu_q, cu_k, max_sq, max_sk, causal, scale, dlse=None):
+    """lse (H, Tq) base 2; dlse (H, Tq) natural log or None (a gradient reaching the lse)."""
     Tq, H, D = q.shape
     Hk = k.shape[1]
     batch = cu_q.numel() - 1
@@ -151,6 +152,8 @@ def _bwd(do, q, k, v, o, lse, cu_q, cu_k, max_sq, max_sk, causal, scale):
     kernels.bwd_preprocess_kernel[(triton.cdiv(Tq, pre_m), H)](
         o, do, delta, o.stride(0), o.stride(1), do.stride(0), do.stride(1), delta.stride(0),
         Tq, D, BLOCK_M=pre_m, BLOCK_D=bd)
+    if dlse is not None:  # d lse / d s = P: an incoming dlse shifts D to D - dlse
+        delta = delta - dlse.float()
     dq, dk, dv = torch.empty_like(q), torch.empty_like(k), torch.empty_like(v)
     grid_kv = lambda META: (triton.cdiv(max_sk, META["BLOCK_N"]), batch * Hk)
     _launch("dkdv", kernels.bwd_dkdv_kernel, grid_kv, (
@@ -177,17 +180,19 @@ class TritonAttention(torch.autograd.Function):
         o, lse = _fwd(q, k, v, cu_q, cu_k, max_sq, max_sk, causal, scale)
         ctx.save_for_backward(q, k, v, o, lse, cu_q, cu_k)
         ctx.args = (max_sq, max_sk, causal, scale)
-        return o
+        ctx.set_materialize_grads(False)
+        return o, lse / LOG2E  # lse (H, Tq) in natural log (+inf stays +inf)
 
     @staticmethod
-    def backward(ctx, do):
+    def backward(ctx, do, dlse):
         q, k, v, o, lse, cu_q, cu_k = ctx.saved_tensors
-        dq, dk, dv = _bwd(do, q, k, v, o, lse, cu_q, cu_k, *ctx.args)
+        do = torch.zeros_like(o) if do is None else do
+        dq, dk, dv = _bwd(do, q, k, v, o, lse, cu_q, cu_k, *ctx.args, dlse=dlse)
         return dq, dk, dv, None, None, None, None, None, None
 
 
 def triton_attention_packed(q, k, v, cu_q, cu_k, max_sq: int, max_sk: int, *, causal: bool,
-                            softmax_scale: float) -> torch.Tensor:
+                            softmax_scale: float, return_lse: bool = False):
     """Packed-layout entry (no checks).
 
     Args:
@@ -195,13 +200,28 @@ def triton_attention_packed(q, k, v, cu_q, cu_k, max_sq: int, max_sk: int, *, ca
         cu_q, cu_k: int32 (batch + 1,) offsets on q's device.
 
     Returns:
-        (total_q, nheads, headdim) in q.dtype.
+        (total_q, nheads, headdim) in q.dtype; with return_lse also lse (nheads, total_q) fp32,
+        natural log.
     """
     dtype = q.dtype
     if INTERPRET and dtype == torch.bfloat16:
         # The interpreter cannot do bf16 arithmetic: compute in fp32, round once at the end.
         q, k, v = q.float(), k.float(), v.float()
     q, k, v = (t if t.stride(-1) == 1 else t.contiguous() for t in (q, k, v))
-    out = TritonAttention.apply(q, k, v, cu_q, cu_k, int(max_sq), int(max_sk), bool(causal),
-                                float(softmax_scale))
-    return out.to(dtype)
+    out, lse = TritonAttention.apply(q, k, v, cu_q, cu_k, int(max_sq), int(max_sk), bool(causal),
+                                     float(softmax_scale))
+    return (out.to(dtype), lse) if return_lse else out.to(dtype)
+
+
+def triton_attention_backward_packed(do, q, k, v, o, lse, cu_q, cu_k, max_sq: int, max_sk: int,
+                                     *, causal: bool, softmax_scale: float):
+    """(dq, dk, dv) from a given (o, lse (nheads, total_q) natural log); packed layout, no
+    autograd, no checks: the backward kernels alone (ring attention's per-block backward)."""
+    dtypes = (q.dtype, k.dtype, v.dtype)
+    if INTERPRET and q.dtype == torch.bfloat16:
+        do, q, k, v, o = (t.float() for t in (do, q, k, v, o))
+    do, q, k, v, o = (t if t.stride(-1) == 1 else t.contiguous() for t in (do, q, k, v, o))
+    lse2 = (lse.float() * LOG2E).contiguous()
+    dq, dk, dv = _bwd(do, q, k, v, o, lse2, cu_q, cu_k, int(max_sq), int(max_sk), bool(causal),
+                      float(softmax_scale))
+    return dq.to(dtypes[0]), dk.to(dtypes[1]), dv.to(dtypes[2])

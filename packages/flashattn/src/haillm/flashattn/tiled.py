@@ -11,6 +11,11 @@ q, k and L (P = exp(q kᵀ·scale - L)); with D = rowsum(dO ∘ O) the softmax g
 dS = P ∘ (dP - D), so no (seqlen_q x seqlen_k) tensor is ever saved for backward: the saved
 tensors are q, k, v, O and L, i.e. O(seqlen · headdim).
 
+`tiled_attention(..., return_lse=True)` also returns L (natural log, +inf on rows that see no
+key) and is differentiable in it: dL/ds = P, so an incoming dL only shifts D to D - dL.
+`tiled_attention_backward` is the backward alone, from a *given* (O, L): ring attention calls it
+per K/V block with the (O, L) of the merged result.
+
 This is the teaching version and the CPU path of `impl="auto"`. The Triton kernels in
 `kernels.py` run the same loops with one program per query block (forward, dQ) or key block
 (dK/dV), keep the tiles in SRAM/registers, and skip fully masked causal blocks.
@@ -21,7 +26,7 @@ from __future__ import annotations
 import torch
 from einops import rearrange
 
-__all__ = ["TiledAttention", "tiled_attention"]
+__all__ = ["TiledAttention", "tiled_attention", "tiled_attention_backward"]
 
 
 def _acc_dtype(dtype: torch.dtype) -> torch.dtype:
@@ -83,8 +88,11 @@ def _forward(q, k, v, causal: bool, scale: float, block_q: int, block_k: int):
     return out, lse
 
 
-def _backward(q, k, v, out, lse, dout, causal: bool, scale: float, block_q: int, block_k: int):
-    """FlashAttention-2 backward: recompute P per block from L; returns dq, dk, dv."""
+def _backward(q, k, v, out, lse, dout, causal: bool, scale: float, block_q: int, block_k: int,
+              dlse=None):
+    """FlashAttention-2 backward: recompute P per block from L; returns dq, dk, dv.
+
+    lse, dlse: (B, Hkv, G, Sq); dlse (the gradient reaching L, or None) enters as D - dL."""
     B, Sq, H, D = q.shape
     Sk, Hk = k.shape[1], k.shape[2]
     G = H // Hk
@@ -108,6 +116,8 @@ def _backward(q, k, v, out, lse, dout, causal: bool, scale: float, block_q: int,
         lb = lse[..., qs:qe, None]  # (B, Hkv, G, bq, 1)
         # D_i = rowsum(dO ∘ O) = sum_j P_ij dP_ij: the softmax Jacobian term, one number per row.
         Di = (dob * og[:, :, :, qs:qe].to(acc)).sum(dim=-1, keepdim=True)
+        if dlse is not None:
+            Di = Di - dlse[..., qs:qe, None].to(acc)
         dq_b = torch.zeros_like(qb)
         k_end = _key_end(qe, Sk, offset, causal)
         for ks in range(0, max(k_end, 0), block_k):
@@ -135,24 +145,45 @@ class TiledAttention(torch.autograd.Function):
         out, lse = _forward(q, k, v, causal, scale, block_q, block_k)
         ctx.save_for_backward(q, k, v, out, lse)
         ctx.causal, ctx.scale, ctx.blocks = causal, scale, (block_q, block_k)
-        return out
+        ctx.set_materialize_grads(False)
+        B, Hk, G, Sq = lse.shape
+        return out, lse.view(B, Hk * G, Sq)  # lse (B, H, Sq): head h = hk * G + g
 
     @staticmethod
-    def backward(ctx, dout):
+    def backward(ctx, dout, dlse):
         q, k, v, out, lse = ctx.saved_tensors
-        dq, dk, dv = _backward(q, k, v, out, lse, dout, ctx.causal, ctx.scale, *ctx.blocks)
+        if dout is None:
+            dout = torch.zeros_like(out)
+        if dlse is not None:
+            dlse = dlse.reshape(lse.shape)
+        dq, dk, dv = _backward(q, k, v, out, lse, dout, ctx.causal, ctx.scale, *ctx.blocks,
+                               dlse=dlse)
         return dq, dk, dv, None, None, None, None
 
 
 def tiled_attention(q, k, v, *, causal: bool = False, softmax_scale: float,
-                    block_q: int = 128, block_k: int = 128) -> torch.Tensor:
+                    block_q: int = 128, block_k: int = 128, return_lse: bool = False):
     """Blockwise attention with recomputation (no checks; use `flash_attention(impl="tiled")`).
 
     Args:
         q: (batch, seqlen_q, nheads, headdim).
         k, v: (batch, seqlen_k, nheads_kv, headdim).
+        return_lse: also return the logsumexp (batch, nheads, seqlen_q).
 
     Returns:
-        (batch, seqlen_q, nheads, headdim) in q.dtype.
+        (batch, seqlen_q, nheads, headdim) in q.dtype; with return_lse (out, lse), lse in
+        float32 (float64 for float64 inputs).
     """
-    return TiledAttention.apply(q, k, v, causal, float(softmax_scale), int(block_q), int(block_k))
+    out, lse = TiledAttention.apply(q, k, v, causal, float(softmax_scale), int(block_q),
+                                    int(block_k))
+    return (out, lse) if return_lse else out
+
+
+def tiled_attention_backward(dout, q, k, v, out, lse, *, causal: bool = False,
+                             softmax_scale: float, block_q: int = 128, block_k: int = 128):
+    """(dq, dk, dv) from a given (out, lse (batch, nheads, seqlen_q)); no autograd, no checks."""
+    B, Sq, H, _ = q.shape
+    Hk = k.shape[2]
+    lse = lse.to(_acc_dtype(q.dtype)).reshape(B, Hk, H // Hk, Sq)
+    return _backward(q, k, v, out, lse, dout, causal, float(softmax_scale), int(block_q),
+                     int(block_k))

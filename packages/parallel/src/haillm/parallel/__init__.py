@@ -1,6 +1,6 @@
 """haillm.parallel: tensor and sequence parallelism (Megatron-LM), communication overlapped.
 
-* `ParallelDims`: the dp × tp × pp rank grid (Megatron order, TP fastest) and its groups.
+* `ParallelDims`: the dp × cp × tp × pp rank grid (Megatron order, TP fastest) and its groups.
 * Collectives (`all_gather_into_tensor`, `reduce_scatter_tensor`, `all_reduce`): one
   compatibility helper over torch's names (torch 2.5 → newest), with gloo fallbacks.
 * Communication regions (Megatron's f and g, the sequence-parallel pair): autograd Functions.
@@ -8,6 +8,8 @@
   `vocab_parallel_cross_entropy`; each layer has `.from_full(module, group=...)`.
 * Overlap: async input-gradient reduction behind the weight-gradient GEMM; chunked, pipelined
   all-gather/reduce-scatter around the GEMMs under sequence parallelism.
+* Context parallelism: `context_parallel_attention` (ring attention, zigzag load balance),
+  `split_sequence`, `gather_sequence`.
 * `run_distributed` (in `haillm.parallel.testing`): N gloo ranks for tests and tutorials.
 """
 
@@ -21,6 +23,7 @@ from .comm import (
     reduce_scatter_single,
     reduce_scatter_tensor,
 )
+from .context import context_parallel_attention, gather_sequence, split_sequence
 from .cross_entropy import vocab_parallel_cross_entropy
 from .dims import Coords, ParallelDims
 from .embedding import VocabParallelEmbedding
@@ -56,10 +59,12 @@ __all__ = [
     "all_gather_single",
     "all_reduce",
     "allreduce_sequence_parallel_grads",
+    "context_parallel_attention",
     "copy_to_tensor_parallel_region",
     "gather_from_sequence_parallel_region",
     "gather_from_tensor_parallel_region",
     "gather_matmul",
+    "gather_sequence",
     "group_rank",
     "group_size",
     "is_sequence_parallel",
@@ -72,5 +77,6 @@ __all__ = [
     "register_sequence_parallel_grad_hooks",
     "scatter_to_sequence_parallel_region",
     "scatter_to_tensor_parallel_region",
+    "split_sequence",
     "vocab_parallel_cross_entropy",
 ]
