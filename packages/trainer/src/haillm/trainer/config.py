@@ -90,17 +90,31 @@ class DataConfig:
 
     corpus: str = "stdlib"
     """`stdlib` (Python's own standard-library sources, found through `sysconfig`), or a
-    comma-separated list of `.txt`/`.jsonl` files or folders, or one pre-tokenised `.bin`."""
+    comma-separated list of `.txt`/`.jsonl`/`.parquet`/`.arrow` files, Hugging Face
+    `save_to_disk` folders or folders of such files (parquet and arrow need the `data` extra:
+    `pip install haillm-trainer[data]`); or one pre-tokenised corpus read as-is: a `.bin`
+    memmap or a folder written by `haillm-prepare`."""
     max_corpus_mb: float = 8.0
-    """Read at most this many megabytes of text (files in sorted order, so it is deterministic)."""
+    """Read at most this many megabytes of text (files in sorted order, so it is
+    deterministic); 0: no limit."""
     bin_dtype: str = "uint16"
     """Element type of a pre-tokenised `.bin` memmap (`uint16` or `uint32`)."""
+    text_key: str = "text"
+    """Key (`.jsonl`) or column (parquet, arrow, HF datasets) holding the document text."""
     jsonl_key: str = "text"
-    """Field holding the document in `.jsonl` files."""
+    """Alias of `text_key` (its old name, kept working): set either one."""
     val_fraction: float = 0.02
     """Share of the packed sequences held out for the validation loss."""
     tokenizer: str = ""
     """Path to a `tokenizer.json` to reuse; empty: train a byte-level BPE and cache it in `<out>`."""
+
+    @property
+    def key(self) -> str:
+        """The text key in effect: `text_key`, or `jsonl_key` when only that one was set."""
+        if self.text_key != "text" and self.jsonl_key not in ("text", self.text_key):
+            raise ConfigError(f"data.text_key ({self.text_key!r}) and its alias data.jsonl_key "
+                              f"({self.jsonl_key!r}) disagree; set only data.text_key")
+        return self.text_key if self.text_key != "text" else self.jsonl_key
 
 
 @dataclass
@@ -257,6 +271,10 @@ class Config:
         if t.schedule not in ("multistep", "cosine", "constant"):
             raise ConfigError(f"train.schedule must be multistep, cosine or constant, "
                               f"got {t.schedule!r}")
+        if self.data.bin_dtype not in ("uint16", "uint32"):
+            raise ConfigError(f"data.bin_dtype must be uint16 or uint32, got {self.data.bin_dtype!r}")
+        if not self.data.key:
+            raise ConfigError("data.text_key must name a key/column, got ''")
         if self.run.device not in ("cpu", "cuda"):
             raise ConfigError(f"run.device must be cpu or cuda, got {self.run.device!r}")
 
