@@ -285,7 +285,14 @@ class Config:
 
 
 # --------------------------------------------------------------------------- presets
-# Only the keys that differ from the defaults. deepseek-7b / -67b are the paper's Table 2.
+# Only the keys that differ from the defaults. deepseek-7b / -67b are the paper's Table 2:
+# DeepSeek LLM, arXiv 2401.02954 (DeepSeek-AI, 2024), Table 2 "Detailed specs of DeepSeek LLM
+# family of models": 7B: 30 layers, d_model 4096, 32 heads, 32 KV heads, context 4096, batch
+# size 2304, learning rate 4.2e-4; 67B: 95 layers, d_model 8192, 64 heads, 8 KV heads,
+# context 4096, batch size 4608, learning rate 3.2e-4 (both 2.0T tokens, vocabulary 102400).
+# "Batch size" counts sequences of 4096 tokens (2304 x 4096 = 9.4M tokens per step).
+# The warm-up of 2000 steps is section 2.3; `steps` is a placeholder (2.0T tokens / 9.4M
+# tokens is about 212k steps for the 7B model).
 PRESETS: dict[str, dict[str, dict[str, Any]]] = {
     "micro": {  # tests: seconds on one core
         "model": dict(vocab_size=512, hidden_size=32, n_layers=4, n_heads=4, n_kv_heads=2,
@@ -310,13 +317,15 @@ PRESETS: dict[str, dict[str, dict[str, Any]]] = {
     "deepseek-7b": {
         "model": dict(vocab_size=102400, hidden_size=4096, n_layers=30, n_heads=32,
                       n_kv_heads=32, intermediate_size=11008, seq_len=4096),
-        "train": dict(global_batch=576, lr=4.2e-4, warmup_steps=2000, steps=10000),
+        # Table 2: batch size 2304 sequences of 4096 tokens (9.4M tokens), peak lr 4.2e-4
+        "train": dict(global_batch=2304, lr=4.2e-4, warmup_steps=2000, steps=10000),
         "run": dict(device="cuda"),
     },
     "deepseek-67b": {
         "model": dict(vocab_size=102400, hidden_size=8192, n_layers=95, n_heads=64,
                       n_kv_heads=8, intermediate_size=22016, seq_len=4096),
-        "train": dict(global_batch=1152, lr=3.2e-4, warmup_steps=2000, steps=10000),
+        # Table 2: batch size 4608 sequences of 4096 tokens (18.9M tokens), peak lr 3.2e-4
+        "train": dict(global_batch=4608, lr=3.2e-4, warmup_steps=2000, steps=10000),
         "run": dict(device="cuda"),
     },
 }
