@@ -6,6 +6,7 @@ from __future__ import annotations
 import json
 import os
 import sys
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -193,3 +194,42 @@ def test_prepare_equals_in_process_tokenisation(tmp_path, capsys):
 def test_streaming_documents_match_the_list():
     cfg = load_config("micro", overrides=["data.max_corpus_mb=0.02"]).data
     assert list(iter_documents(cfg)) == read_documents(cfg)
+
+
+def _node_rank_fn(tmp: str, layout: list[tuple[int, int]]):
+    """One rank of a job of 'nodes' on this machine: (node, local rank) from `layout`;
+    each node has its own copy of the corpus and its own run folder (nothing shared)."""
+    import torch.distributed as dist
+
+    from haillm.trainer.data import build_dataset_on_nodes
+
+    node, local = layout[dist.get_rank()]
+    os.environ["LOCAL_RANK"] = str(local)  # what torchrun sets
+    root = os.path.join(tmp, f"node{node}")
+    cfg = data_cfg(os.path.join(root, "corpus.txt"))
+    ds, tok = build_dataset_on_nodes(cfg, 300, 16, Path(root) / "run")
+    return os.getpid(), dataset_identity(ds, tok)
+
+
+def test_every_node_local_rank0_builds_its_own_cache(tmp_path):
+    """The multi-node mechanism without a shared filesystem (torchrun with two --nnodes agents
+    takes over a minute on 2 loaded cores, so the 'nodes' are simulated): 3 ranks on 2 nodes,
+    LOCAL_RANK as torchrun sets it; node 0's local rank 1 waits at the barrier and reads its
+    node's cache, every node's local rank 0 builds its own in its own folder."""
+    from tests.helpers import RankFailure, run_distributed
+
+    for n in (0, 1):
+        (tmp_path / f"node{n}").mkdir()
+        (tmp_path / f"node{n}" / "corpus.txt").write_text("x = 1\nprint(x)\n" * 200)
+    layout = [(0, 0), (0, 1), (1, 0)]
+    res = run_distributed(_node_rank_fn, 3, str(tmp_path), layout, start_method="fork",
+                          timeout=120)
+    assert len({d for _, d in res}) == 1  # the same tokens everywhere
+    for n, builder in ((0, 0), (1, 2)):
+        idx = json.loads((tmp_path / f"node{n}" / "run" / "tokens.json").read_text())
+        assert idx["built_by"]["pid"] == res[builder][0]  # the node's local rank 0 built it
+    # a node whose copy of the corpus differs: every rank stops, nobody trains on other data
+    (tmp_path / "node1" / "corpus.txt").write_text("y = 2\n" * 300)
+    with pytest.raises(RankFailure, match="different tokenised corpora"):
+        run_distributed(_node_rank_fn, 3, str(tmp_path), layout, start_method="fork",
+                        timeout=120)

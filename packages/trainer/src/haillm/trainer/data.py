@@ -2,8 +2,14 @@
 
 * **Corpus.** By default Python's own standard-library sources (found through `sysconfig`
   at run time, so nothing is downloaded): real code, a few MB, the same on every machine with
-  the same Python. Users may pass `.txt`/`.jsonl` files (or folders of them) or one
-  pre-tokenised `.bin` memmap.
+  the same Python. Users may pass `.txt`/`.jsonl`/`.parquet`/`.arrow` files, Hugging Face
+  `save_to_disk` folders (pyarrow: the `data` extra) or folders of files, the text chosen by
+  `data.text_key`; or a pre-tokenised corpus read as-is (a `.bin` memmap, or a folder written
+  by `haillm-prepare`).
+* **Cache.** The tokenised corpus is cached in the run folder (`tokens.json` index,
+  `tokens.bin`, `tokenizer.json`) under a fingerprint of the inputs (paths, sizes, mtimes, a
+  hash of a sample of each file, key, budget, vocabulary, tokenizer): a changed corpus is
+  tokenised again. Every node's local rank 0 builds or finds it (`build_dataset_on_nodes`).
 * **Tokenizer.** A byte-level BPE trained with Hugging Face `tokenizers` to
   `model.vocab_size`, with one special token `<|endoftext|>` (EOS), cached in the run folder.
 * **Packing.** Every document is tokenised, followed by EOS, and all are concatenated into one
@@ -23,6 +29,7 @@ import os
 import socket
 import sys
 import sysconfig
+import time
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -562,7 +569,9 @@ class TokenWriter:
                "n_tokens": self.n_tokens, "n_documents": self.n_docs,
                "max_token_id": self.max_id, "vocab_size": vocab_size,
                "tokenizer": "tokenizer.json", "tokenizer_sha256": tokenizer_sha256,
-               "fingerprint": fingerprint, "shards": self.shards}
+               "fingerprint": fingerprint, "shards": self.shards,
+               "built_by": {"host": socket.gethostname(), "pid": os.getpid(),
+                            "time": time.time()}}
         _atomic_write(self.folder / INDEX, json.dumps(idx, indent=1).encode())
         return idx
 
