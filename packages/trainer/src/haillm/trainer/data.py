@@ -591,7 +591,7 @@ def _encode(tok, docs: list[str], eos: int, dtype) -> np.ndarray:
     return np.concatenate(parts) if parts else np.zeros(0, dtype=dtype)
 
 
-def _chunks(docs, max_docs: int = 256, max_chars: int = 1 << 20):
+def _chunks(docs, max_docs: int = 256, max_chars: int = 1 << 18):
     """Consecutive groups of documents, of at most `max_docs` documents or ~`max_chars`."""
     chunk, size = [], 0
     for d in docs:
