@@ -103,8 +103,10 @@ def main() -> None:
         f"train.warmup_steps={max(args.steps // 5, 1)}"])
     tmp = Path(tempfile.mkdtemp(prefix="haillm-bench-"))
     base.run.out = str(tmp / "data")
-    build_dataset(base.data, base.model.vocab_size, base.model.seq_len, tmp / "data")
+    # the tokenizer is named before the build (it is trained and saved there), so that the
+    # cache's fingerprint (which covers a named tokenizer) is the one every layout computes
     base.data.tokenizer = str(tmp / "data" / "tokenizer.json")
+    build_dataset(base.data, base.model.vocab_size, base.model.seq_len, tmp / "data")
     curves, rows = {}, []
     for dp, tp, pp in LAYOUTS:
         out = tmp / f"{dp}{tp}{pp}"

@@ -1,4 +1,4 @@
-"""Command-line entry points: `haillm-train` (and the later `haillm-generate`, `haillm-plan`)."""
+"""Command-line entry points: `haillm-train`, `haillm-generate`, `haillm-plan`, `haillm-prepare`."""
 
 from __future__ import annotations
 
@@ -8,7 +8,8 @@ from pathlib import Path
 
 from haillm.trainer.config import PRESETS, Config, ConfigError, load_config
 
-__all__ = ["build_config", "generate_main", "plan_main", "train_main", "train_parser"]
+__all__ = ["build_config", "generate_main", "plan_main", "prepare_main", "train_main",
+           "train_parser"]
 
 
 def train_parser() -> argparse.ArgumentParser:
@@ -256,6 +257,18 @@ def plan_main(argv: list[str] | None = None) -> int:
         print(run_plan(argv))
     except ConfigError as e:
         print(f"haillm-plan: error: {e}", file=sys.stderr)
+        return 2
+    return 0
+
+
+def prepare_main(argv: list[str] | None = None) -> int:
+    """`haillm-prepare`: tokenise a corpus into .bin shards + an index (see `--help`)."""
+    from haillm.trainer.prepare import run_prepare
+
+    try:
+        run_prepare(argv)
+    except ConfigError as e:
+        print(f"haillm-prepare: error: {e}", file=sys.stderr)
         return 2
     return 0
 

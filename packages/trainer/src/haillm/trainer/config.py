@@ -90,17 +90,31 @@ class DataConfig:
 
     corpus: str = "stdlib"
     """`stdlib` (Python's own standard-library sources, found through `sysconfig`), or a
-    comma-separated list of `.txt`/`.jsonl` files or folders, or one pre-tokenised `.bin`."""
+    comma-separated list of `.txt`/`.jsonl`/`.parquet`/`.arrow` files, Hugging Face
+    `save_to_disk` folders or folders of such files (parquet and arrow need the `data` extra:
+    `pip install haillm-trainer[data]`); or one pre-tokenised corpus read as-is: a `.bin`
+    memmap or a folder written by `haillm-prepare`."""
     max_corpus_mb: float = 8.0
-    """Read at most this many megabytes of text (files in sorted order, so it is deterministic)."""
+    """Read at most this many megabytes of text (files in sorted order, so it is
+    deterministic); 0: no limit."""
     bin_dtype: str = "uint16"
     """Element type of a pre-tokenised `.bin` memmap (`uint16` or `uint32`)."""
+    text_key: str = "text"
+    """Key (`.jsonl`) or column (parquet, arrow, HF datasets) holding the document text."""
     jsonl_key: str = "text"
-    """Field holding the document in `.jsonl` files."""
+    """Alias of `text_key` (its old name, kept working): set either one."""
     val_fraction: float = 0.02
     """Share of the packed sequences held out for the validation loss."""
     tokenizer: str = ""
     """Path to a `tokenizer.json` to reuse; empty: train a byte-level BPE and cache it in `<out>`."""
+
+    @property
+    def key(self) -> str:
+        """The text key in effect: `text_key`, or `jsonl_key` when only that one was set."""
+        if self.text_key != "text" and self.jsonl_key not in ("text", self.text_key):
+            raise ConfigError(f"data.text_key ({self.text_key!r}) and its alias data.jsonl_key "
+                              f"({self.jsonl_key!r}) disagree; set only data.text_key")
+        return self.text_key if self.text_key != "text" else self.jsonl_key
 
 
 @dataclass
@@ -256,6 +270,10 @@ class Config:
         if t.schedule not in ("multistep", "cosine", "constant"):
             raise ConfigError(f"train.schedule must be multistep, cosine or constant, "
                               f"got {t.schedule!r}")
+        if self.data.bin_dtype not in ("uint16", "uint32"):
+            raise ConfigError(f"data.bin_dtype must be uint16 or uint32, got {self.data.bin_dtype!r}")
+        if not self.data.key:
+            raise ConfigError("data.text_key must name a key/column, got ''")
         if self.run.device not in ("cpu", "cuda"):
             raise ConfigError(f"run.device must be cpu or cuda, got {self.run.device!r}")
 
@@ -319,7 +337,14 @@ def _range_text(lo, hi) -> str:
 
 
 # --------------------------------------------------------------------------- presets
-# Only the keys that differ from the defaults. deepseek-7b / -67b are the paper's Table 2.
+# Only the keys that differ from the defaults. deepseek-7b / -67b are the paper's Table 2:
+# DeepSeek LLM, arXiv 2401.02954 (DeepSeek-AI, 2024), Table 2 "Detailed specs of DeepSeek LLM
+# family of models": 7B: 30 layers, d_model 4096, 32 heads, 32 KV heads, context 4096, batch
+# size 2304, learning rate 4.2e-4; 67B: 95 layers, d_model 8192, 64 heads, 8 KV heads,
+# context 4096, batch size 4608, learning rate 3.2e-4 (both 2.0T tokens, vocabulary 102400).
+# "Batch size" counts sequences of 4096 tokens (2304 x 4096 = 9.4M tokens per step).
+# The warm-up of 2000 steps is section 2.3; `steps` is a placeholder (2.0T tokens / 9.4M
+# tokens is about 212k steps for the 7B model).
 PRESETS: dict[str, dict[str, dict[str, Any]]] = {
     "micro": {  # tests: seconds on one core
         "model": dict(vocab_size=512, hidden_size=32, n_layers=4, n_heads=4, n_kv_heads=2,
@@ -344,13 +369,15 @@ PRESETS: dict[str, dict[str, dict[str, Any]]] = {
     "deepseek-7b": {
         "model": dict(vocab_size=102400, hidden_size=4096, n_layers=30, n_heads=32,
                       n_kv_heads=32, intermediate_size=11008, seq_len=4096),
-        "train": dict(global_batch=576, lr=4.2e-4, warmup_steps=2000, steps=10000),
+        # Table 2: batch size 2304 sequences of 4096 tokens (9.4M tokens), peak lr 4.2e-4
+        "train": dict(global_batch=2304, lr=4.2e-4, warmup_steps=2000, steps=10000),
         "run": dict(device="cuda"),
     },
     "deepseek-67b": {
         "model": dict(vocab_size=102400, hidden_size=8192, n_layers=95, n_heads=64,
                       n_kv_heads=8, intermediate_size=22016, seq_len=4096),
-        "train": dict(global_batch=1152, lr=3.2e-4, warmup_steps=2000, steps=10000),
+        # Table 2: batch size 4608 sequences of 4096 tokens (18.9M tokens), peak lr 3.2e-4
+        "train": dict(global_batch=4608, lr=3.2e-4, warmup_steps=2000, steps=10000),
         "run": dict(device="cuda"),
     },
 }

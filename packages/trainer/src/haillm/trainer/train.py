@@ -24,7 +24,7 @@ import torch.distributed as dist
 
 from haillm.trainer.checkpoint import Checkpointer
 from haillm.trainer.config import Config, ConfigError, dump_toml
-from haillm.trainer.data import Sampler, build_dataset
+from haillm.trainer.data import Sampler, build_dataset_on_nodes
 from haillm.trainer.grid import Grid
 from haillm.trainer.metrics import (
     MetricsLogger,
@@ -215,13 +215,9 @@ def train(cfg: Config, *, stream=None, overwrite: bool = False) -> dict:
         torch.cuda.set_device(int(os.environ.get("LOCAL_RANK", 0)))
         device = torch.device("cuda", torch.cuda.current_device())
 
-    # ---- data: rank 0 tokenises (or finds the cache), the others read its cache
-    if is_rank0:
-        ds, tok = build_dataset(cfg.data, m.vocab_size, m.seq_len, out)
-    if grid.world > 1:
-        dist.barrier()
-    if not is_rank0:
-        ds, tok = build_dataset(cfg.data, m.vocab_size, m.seq_len, out, is_writer=False)
+    # ---- data: every node's local rank 0 tokenises (or finds the cache) in its own `out`,
+    # the node's other ranks read it: no shared filesystem needed
+    ds, tok = build_dataset_on_nodes(cfg.data, m.vocab_size, m.seq_len, out)
 
     # ---- model: every rank builds the same seeded reference, lazily (meta parameters): its
     # stage materialises one layer at a time and keeps only its shards
