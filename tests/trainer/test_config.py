@@ -5,8 +5,8 @@ from __future__ import annotations
 import pytest
 
 from haillm.trainer import PRESETS, ConfigError, dump_toml, flops_per_token, load_config, lr_at
-from haillm.trainer.model import split_layers
-from haillm.trainer.reference import DeepSeekLM
+from haillm.trainer.model import DeepSeekLM
+from haillm.trainer.parallelize import split_layers
 
 
 def test_paper_presets_match_table_2():

@@ -1,48 +1,46 @@
-"""haillm-generate: the KV-cached decode equals the training model's greedy decode."""
+"""haillm-generate: the KV-cached decode (flash_attention, seqlen_q < seqlen_k) equals the
+training model's greedy decode."""
 
 from __future__ import annotations
 
 import pytest
 import torch
 
-from haillm.trainer import DeepSeekLM, StageModel, load_config, train
+from haillm.parallel import ParallelDims
+from haillm.trainer import DeepSeekLM, load_config, parallelize, train
 from haillm.trainer.cli import generate_main
 from haillm.trainer.data import load_or_train_tokenizer
-from haillm.trainer.generate import (
-    KVCache,
-    export_safetensors,
-    forward_cached,
-    generate,
-    load_model,
-)
-from haillm.trainer.grid import Grid
-from haillm.trainer.ops import Ops
-from haillm.trainer.reference import rope_cache
+from haillm.trainer.generate import export_safetensors, generate, load_model
+from haillm.trainer.model import KVCache
 from tests.helpers import assert_close
 from tests.trainer.ckpt_common import make_corpus, run_cfg
 
 
+@pytest.mark.parametrize("impl", ["reference", "tiled"])
 @pytest.mark.parametrize("prompt_len", [1, 5, 11])
-def test_kv_cache_logits_match_full_forward(prompt_len):
+def test_kv_cache_logits_match_full_forward(prompt_len, impl):
     cfg = load_config("micro").model  # GQA: 4 query heads, 2 kv heads
     model = DeepSeekLM(cfg, seed=3).eval()
+    for blk in model.layers.values():
+        blk.attn.impl = impl
     g = torch.Generator().manual_seed(prompt_len)
     toks = torch.randint(0, cfg.vocab_size, (2, cfg.seq_len), generator=g)
-    full = model(toks)  # (B, S, V) without cache
-    cos, sin = rope_cache(cfg.seq_len, cfg.head_dim, cfg.rope_theta)
-    cache = KVCache(cfg, 2, cfg.seq_len, torch.float32, "cpu")
-    parts = [forward_cached(model, toks[:, :prompt_len], cache, cos, sin)]
-    for i in range(prompt_len, cfg.seq_len):  # then one token at a time
-        parts.append(forward_cached(model, toks[:, i:i + 1], cache, cos, sin))
+    with torch.no_grad():
+        full = model(toks)  # (B, S, V) without cache
+        cache = KVCache(cfg, 2, cfg.seq_len, torch.float32, "cpu")
+        parts = [model(toks[:, :prompt_len], cache=cache)]
+        for i in range(prompt_len, cfg.seq_len):  # then one token at a time
+            parts.append(model(toks[:, i:i + 1], cache=cache))
+    assert cache.length == cfg.seq_len
     # the same logits through another order of fp32 sums: the table's fp32 tolerance
     assert_close(torch.cat(parts, 1), full, dtype=torch.float32)
 
 
-def _greedy_training_model(stage: StageModel, prompt: torch.Tensor, n: int) -> torch.Tensor:
-    """Greedy decode with the training-layout model, no cache: the whole prefix each step."""
+def _greedy_no_cache(chunk, prompt: torch.Tensor, n: int) -> torch.Tensor:
+    """Greedy decode with the training model, no cache: the whole prefix each step."""
     toks = prompt
     for _ in range(n):
-        logits = stage(toks).view(toks.shape[0], toks.shape[1], -1)  # (B, S, V)
+        logits = chunk(toks)  # (B, S, V)
         toks = torch.cat([toks, logits[:, -1].argmax(-1, keepdim=True)], 1)
     return toks
 
@@ -53,17 +51,18 @@ def test_generate_from_checkpoint_equals_training_model_greedy(tmp_path):
     out = tmp_path / "run"
     cfg = run_cfg(corpus, out, steps=3)
     train(cfg)
-    # the training model as the trainer builds it, with the trained weights
     model, _, _ = load_model(out)  # the run folder: its newest complete checkpoint
-    stage = StageModel(model, range(cfg.model.n_layers), Grid.create(1, 1, 1),
-                       Ops(cfg.parallel, warn=False), first=True, last=True,
-                       sequence_parallel=False)
+    # the training model as the trainer builds it (fused ops), with the trained weights
+    state = model.state_dict()
+    chunk = parallelize(DeepSeekLM(cfg.model, lazy=True), ParallelDims().build(), cfg,
+                        source=lambda name: state[name], data_parallel=False)[0]
     prompt = torch.tensor([[5, 17, 300, 2]])
     n = cfg.model.seq_len - prompt.shape[1]  # up to the full context
     with torch.no_grad():
-        expected = _greedy_training_model(stage, prompt, n)
+        expected = _greedy_no_cache(chunk, prompt, n)
     got = generate(model, prompt, n, temperature=0)
     assert torch.equal(got, expected)
+    assert torch.equal(model.generate(prompt, n, temperature=0, use_cache=False), expected)
     # past the context window: still runs (sliding window), and sampling is seeded
     g1, g2 = (torch.Generator().manual_seed(0) for _ in range(2))
     a = generate(model, prompt, 40, temperature=0.8, top_k=5, generator=g1)

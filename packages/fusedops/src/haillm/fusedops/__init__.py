@@ -10,9 +10,9 @@ Layout, one folder per op as in `haillm.flashattn`: `norm/`, `adamw/`, `cross_en
 `optimizer.py`; the GEMMs also `modules.py`).
 """
 
-# --- norms, AdamW, in-place cross-entropy (issue 4: haillm-fusedops) -------------------------
 from haillm.fusedops.adamw import FusedAdamW, adamw_step_, adamw_step_reference_
 from haillm.fusedops.cross_entropy import cross_entropy_reference, inplace_cross_entropy
+from haillm.fusedops.gemm import MergedLinear, SwiGLUMLP, linear_residual, linear_swiglu
 from haillm.fusedops.norm import (
     LayerNorm,
     RMSNorm,
@@ -22,16 +22,8 @@ from haillm.fusedops.norm import (
     rms_norm_reference,
 )
 
-# --- end of issue-4 imports -------------------------------------------------------------------
-
-# --- fused GEMMs (issue 5): linear_swiglu, linear_residual, ... (merged by the lead) ----------
-# isort: split
-from haillm.fusedops.gemm import MergedLinear, SwiGLUMLP, linear_residual, linear_swiglu
-
-# --- end of issue-5 imports -------------------------------------------------------------------
-
 __all__ = [
-    # issue 4: norms, AdamW, in-place cross-entropy
+    # norms, AdamW, in-place cross-entropy
     "FusedAdamW",
     "LayerNorm",
     "RMSNorm",
@@ -43,7 +35,7 @@ __all__ = [
     "layer_norm_reference",
     "rms_norm",
     "rms_norm_reference",
-    # issue 5: fused GEMMs
+    # fused GEMMs
     "MergedLinear",
     "SwiGLUMLP",
     "linear_residual",

@@ -4,6 +4,8 @@
 * Collectives (`all_gather_into_tensor`, `reduce_scatter_tensor`, `all_reduce`): one
   compatibility helper over torch's names (torch 2.5 → newest), with gloo fallbacks.
 * Communication regions (Megatron's f and g, the sequence-parallel pair): autograd Functions.
+* Shard plans: `Shard` (a sharding rule as data: slice, gather, merged parts) and
+  `parallelize_module(model, {pattern: Shard}, group=...)` (swap in the TP layers).
 * Layers: `ColumnParallelLinear`, `RowParallelLinear`, `VocabParallelEmbedding`,
   `vocab_parallel_cross_entropy`; each layer has `.from_full(module, group=...)`.
 * Overlap: async input-gradient reduction behind the weight-gradient GEMM; chunked, pipelined
@@ -44,6 +46,8 @@ from .mappings import (
     scatter_to_tensor_parallel_region,
 )
 from .overlap import gather_matmul, matmul_reduce_scatter
+from .plan import find_rule, parallelize_module
+from .shard import Shard
 from .trace import Event, Tracer
 
 __all__ = [
@@ -53,6 +57,7 @@ __all__ = [
     "Event",
     "ParallelDims",
     "RowParallelLinear",
+    "Shard",
     "Tracer",
     "VocabParallelEmbedding",
     "all_gather_into_tensor",
@@ -60,6 +65,7 @@ __all__ = [
     "all_reduce",
     "allreduce_sequence_parallel_grads",
     "context_parallel_attention",
+    "find_rule",
     "copy_to_tensor_parallel_region",
     "gather_from_sequence_parallel_region",
     "gather_from_tensor_parallel_region",
@@ -70,6 +76,7 @@ __all__ = [
     "is_sequence_parallel",
     "mark_sequence_parallel",
     "matmul_reduce_scatter",
+    "parallelize_module",
     "reduce_from_tensor_parallel_region",
     "reduce_scatter_single",
     "reduce_scatter_tensor",

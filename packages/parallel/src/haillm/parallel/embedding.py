@@ -21,6 +21,7 @@ from .mappings import (
     reduce_from_tensor_parallel_region,
     reduce_scatter_to_sequence_parallel_region,
 )
+from .shard import Shard
 
 __all__ = ["VocabParallelEmbedding"]
 
@@ -58,6 +59,8 @@ class VocabParallelEmbedding(nn.Module):
         self.padding_idx = padding_idx % num_embeddings if padding_idx is not None else None
         self.sequence_parallel, self.seq_dim = sequence_parallel, seq_dim
         self.weight = nn.Parameter(torch.empty(n, embedding_dim, device=device, dtype=dtype))
+        if self.weight.is_meta:  # structure only (values come later): no init to run
+            return
         with torch.no_grad():
             nn.init.normal_(self.weight)  # nn.Embedding's default init
             if self._local_padding_idx() is not None:
@@ -89,7 +92,7 @@ class VocabParallelEmbedding(nn.Module):
         layer = cls(module.num_embeddings, module.embedding_dim, group=group,
                     device=module.weight.device, dtype=module.weight.dtype, **kw)
         with torch.no_grad():
-            layer.weight.copy_(module.weight.chunk(layer.tp, dim=0)[group_rank(group)])
+            layer.weight.copy_(Shard("vocab").local(module.weight, group_rank(group), layer.tp))
         return layer
 
     def extra_repr(self) -> str:

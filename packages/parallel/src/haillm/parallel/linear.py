@@ -36,10 +36,13 @@ from .comm import all_gather_into_tensor, all_reduce, group_rank, group_size, re
 from .mappings import (
     _SEQ,
     check_divisible,
+    copy_to_tensor_parallel_region,
+    gather_from_sequence_parallel_region,
     gather_from_tensor_parallel_region,
     scatter_to_tensor_parallel_region,
 )
 from .overlap import gather_matmul, matmul_reduce_scatter
+from .shard import Shard
 from .trace import span
 
 __all__ = ["ColumnParallelLinear", "RowParallelLinear"]
@@ -192,6 +195,8 @@ def _apply(fn: Any, x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | 
 
 def _init_linear_(weight: torch.Tensor, bias: torch.Tensor | None, fan_in: int) -> None:
     # nn.Linear's default init, with the fan-in of the *full* layer: U(-1/sqrt(in), 1/sqrt(in)).
+    if weight.is_meta:  # structure only: the values come later (e.g. from a shard plan)
+        return
     bound = 1.0 / math.sqrt(fan_in) if fan_in > 0 else 0.0
     with torch.no_grad():
         nn.init.uniform_(weight, -bound, bound)
@@ -270,6 +275,16 @@ class ColumnParallelLinear(nn.Module):
                                for i in range(len(self.partition_sizes)) for r in range(t)], -1)
         return y
 
+    def input_region(self, x: torch.Tensor) -> torch.Tensor:
+        """The input as this layer's GEMM reads it: all-gathered along `seq_dim` under SP,
+        else through Megatron's f (identity forward, all-reduce backward). For callers that
+        fuse the GEMM with its epilogue (`haillm.fusedops.linear_swiglu(region(x), weight)`),
+        at the price of the overlap that `forward` adds."""
+        if self.sequence_parallel:
+            return gather_from_sequence_parallel_region(x, self.group,
+                                                        seq_dim=self.seq_dim % x.dim())
+        return copy_to_tensor_parallel_region(x, self.group)
+
     def split_output(self, y: torch.Tensor) -> tuple[torch.Tensor, ...]:
         """Split a local (non-gathered) output into its parts, e.g. (q_r, k_r, v_r)."""
         return y.split(self.local_partition_sizes, dim=-1)
@@ -281,12 +296,11 @@ class ColumnParallelLinear(nn.Module):
         layer = cls(module.in_features, module.out_features, bias=module.bias is not None,
                     group=group, device=module.weight.device, dtype=module.weight.dtype, **kw)
         r, t = group_rank(group), layer.tp
+        rule = Shard("column", tuple(layer.partition_sizes))  # every part cut separately
         with torch.no_grad():
-            w_parts = module.weight.split(layer.partition_sizes, dim=0)
-            layer.weight.copy_(torch.cat([w.chunk(t, dim=0)[r] for w in w_parts], 0))
+            layer.weight.copy_(rule.local(module.weight, r, t))
             if module.bias is not None:
-                b_parts = module.bias.split(layer.partition_sizes, dim=0)
-                layer.bias.copy_(torch.cat([b.chunk(t, dim=0)[r] for b in b_parts], 0))
+                layer.bias.copy_(rule.local(module.bias, r, t))
         return layer
 
     def extra_repr(self) -> str:
@@ -357,7 +371,7 @@ class RowParallelLinear(nn.Module):
         layer = cls(module.in_features, module.out_features, bias=module.bias is not None,
                     group=group, device=module.weight.device, dtype=module.weight.dtype, **kw)
         with torch.no_grad():
-            layer.weight.copy_(module.weight.chunk(layer.tp, dim=1)[group_rank(group)])
+            layer.weight.copy_(Shard("row").local(module.weight, group_rank(group), layer.tp))
             if module.bias is not None:
                 layer.bias.copy_(module.bias)
         return layer

@@ -3,9 +3,12 @@
 * `config`: typed dataclasses, presets (`micro`, `tiny`, `small`, `deepseek-7b`, `deepseek-67b`),
   TOML and `--set` overrides.
 * `data`: the embedded corpus (Python's stdlib sources), byte-level BPE, packing, sampler.
-* `reference`: the plain single-process model (the spec); `model`: the TP/SP/PP stage.
+* `model`: `DeepSeekLM`, the one model class (plain modules; a pipeline chunk is one too);
+  `shard_plan`: every parameter's shape, TP rule, merged parts and Hugging Face name.
+* `parallelize`: the transforms, in order (fused ops -> TP/SP -> pipeline split -> values ->
+  ZeRO-1/DDP), that make the model one rank's share of a dp x tp x pp run.
 * `optim`: `haillm.zero`'s ZeRO-1 AdamW wired for a 3D layout, the paper's LR schedule.
-* `pipeline_exec`: a step through `haillm.pipeline`'s executor; `train`: the loop; `launch`/`cli`: the ranks.
+* `train`: the loop (steps through `haillm.pipeline`'s executor); `launch`/`cli`: the ranks.
 """
 
 from haillm.trainer.config import (
@@ -22,9 +25,9 @@ from haillm.trainer.config import (
     load_config,
 )
 from haillm.trainer.metrics import flops_per_token
-from haillm.trainer.model import StageModel, split_layers
+from haillm.trainer.model import DeepSeekLM
 from haillm.trainer.optim import Optimizer, lr_at
-from haillm.trainer.reference import DeepSeekLM
+from haillm.trainer.parallelize import parallelize, split_layers
 from haillm.trainer.train import train
 
 __all__ = [
@@ -37,13 +40,13 @@ __all__ = [
     "Optimizer",
     "ParallelConfig",
     "RunConfig",
-    "StageModel",
     "TrainConfig",
     "apply_overrides",
     "dump_toml",
     "flops_per_token",
     "load_config",
     "lr_at",
+    "parallelize",
     "split_layers",
     "train",
 ]

@@ -6,7 +6,7 @@ One checkpoint is a folder `<out>/checkpoints/step_00000040/`:
   rank and a `.metadata` index): for every parameter of the model, under its *logical* name
   and *global* shape (`master/layers.3.attn.wq.weight`, `exp_avg/...`, `exp_avg_sq/...`):
   the fp32 master weights and the two Adam moments, **gathered to full on save** over TP
-  (un-merging QKV and gate-up) and over DP (the ZeRO-1 shards). The (dp 0, tp 0) rank of
+  (the shard plan's `Shard.gather`) and over DP (the ZeRO-1 shards). The (dp 0, tp 0) rank of
   every pipeline stage contributes its stage's tensors, so the stages write in parallel. The
   training weights are the master weights cast to the training precision (which is exactly
   what the optimizer writes after each step), so they need no copy of their own.
@@ -17,7 +17,7 @@ One checkpoint is a folder `<out>/checkpoints/step_00000040/`:
 
 Because the saved form does not depend on the layout, *resharding on load* is slicing: each
 rank asks DCP for the full tensors of its stage's layers and keeps its TP slice and DP shard
-(`layout_map.from_logical`). What the real ones add (torchtitan, Megatron's dist-ckpt): each
+(`local_tensors`, the shard plan's `Shard.local`). What the real ones add (torchtitan, Megatron's dist-ckpt): each
 rank saves only its own shard as a DTensor/ShardedTensor piece (no gather, no full copy in
 memory) and DCP reshards piece by piece on load.
 
@@ -47,13 +47,15 @@ from pathlib import Path
 import torch
 import torch.distributed as dist
 
-from haillm.trainer.layout_map import from_logical, logical_shapes, to_logical
 from haillm.trainer.metrics import end_progress_line
+from haillm.trainer.shard_plan import param_specs
 
 __all__ = ["CheckpointError", "Checkpointer", "checkpoints", "latest_checkpoint",
-           "load_logical", "verify_checkpoint"]
+           "load_logical", "local_tensors", "logical_tensors", "verify_checkpoint"]
 
-FORMAT = "haillm-checkpoint-v1"
+FORMAT = "haillm-checkpoint-v2"
+"""v2: parameters under `DeepSeekLM`'s names (merged `attn.wqkv`, `mlp.w_gate_up`); v1 stored
+Q, K, V, gate and up separately."""
 KEYS = ("master", "exp_avg", "exp_avg_sq")
 
 
@@ -99,6 +101,10 @@ def verify_checkpoint(path: Path) -> dict:
     if not isinstance(manifest, dict):
         raise CheckpointError(f"{path}: manifest.json is not a JSON object")
     if manifest.get("format") != FORMAT:
+        if manifest.get("format") == "haillm-checkpoint-v1":
+            raise CheckpointError(f"{path}: format haillm-checkpoint-v1 (separate Q, K, V, "
+                                  "gate and up weights) is from an older haillm; this one "
+                                  f"reads {FORMAT}")
         raise CheckpointError(f"{path}: unknown format {manifest.get('format')!r}")
     files = manifest.get("files")
     if not isinstance(files, dict) or not files or not isinstance(manifest.get("step"), int) \
@@ -196,13 +202,30 @@ def _trim_metrics(out: Path, step: int) -> None:
     f.write_text("".join(ln + "\n" for ln in keep), encoding="utf-8")
 
 
+# ------------------------------------------------------------------------------ layout
+@torch.no_grad()
+def logical_tensors(chunks, tensors: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    """This rank's per-parameter tensors (weights, masters, moments; named as the chunks'
+    parameters) -> the full tensors, gathered over TP by the shard plan. Collective over TP:
+    every TP rank of a stage calls it with the same names."""
+    specs, g = param_specs(chunks.local.cfg), chunks.dims.tp_group
+    return {n: specs[n].shard.gather(t.detach(), g) if chunks.dims.tp > 1 else t.detach()
+            for n, t in tensors.items()}
+
+
+def local_tensors(chunks, full: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    """Full tensors -> this rank's slices (the inverse of `logical_tensors`; no communication)."""
+    specs, dims = param_specs(chunks.local.cfg), chunks.dims
+    return {n: specs[n].shard.local(t, dims.tp_rank, dims.tp) for n, t in full.items()}
+
+
 # ------------------------------------------------------------------------------ optimizer
 @torch.no_grad()
-def _optimizer_full_state(opt, stage) -> tuple[dict[str, dict[str, torch.Tensor]], dict]:
-    """`{master|exp_avg|exp_avg_sq: {stage param name: fp32 tensor}}` (collective over DP).
+def _optimizer_full_state(opt) -> tuple[dict[str, dict[str, torch.Tensor]], dict]:
+    """`{master|exp_avg|exp_avg_sq: {param name: fp32 tensor}}` (collective over DP).
 
     `haillm.zero`'s `Zero1AdamW.full_state_dict` gathers its ZeRO-1 shards into per-parameter
-    tensors (named as in `stage.named_parameters()`), independent of the DP size.
+    tensors (named as the rank's parameters: the shard plan's names), independent of DP.
     """
     full = opt.opt.full_state_dict()
     return {k: full[k] for k in KEYS}, {"num_steps": full["num_steps"],
@@ -210,7 +233,7 @@ def _optimizer_full_state(opt, stage) -> tuple[dict[str, dict[str, torch.Tensor]
 
 
 @torch.no_grad()
-def _optimizer_load_full(opt, stage, state: dict[str, dict[str, torch.Tensor]], extra: dict):
+def _optimizer_load_full(opt, state: dict[str, dict[str, torch.Tensor]], extra: dict):
     """Each rank keeps its DP shard of the full state; parameters := master weights (exactly
     what the optimizer writes after every step)."""
     opt.opt.load_full_state_dict({**state, "num_steps": extra["num_steps"],
@@ -249,38 +272,34 @@ class Checkpointer:
 
     Args:
         cfg: the run's `Config` (`run.out`, `run.save_every`, `run.resume`, layout).
-        grid: the rank grid.
-        chunks: this rank's `StageModel`s (one, or the virtual stages of the interleaved
-            schedule); model: the module the optimizer was built on (the chunk itself, or a
-            `ModuleList` of the chunks); opt: its optimizer.
-        sampler: the data sampler; scaler: a loss scaler outside the optimizer (`scale`, `good`)
-            or None (fp16 scaling of `haillm.zero` is part of the optimizer state).
+        chunks: `parallelize`'s `ModelChunks` of this rank (with its `dims`).
+        opt: the trainer's `Optimizer` (its `Zero1AdamW` holds masters, moments, loss scale).
+        sampler: the data sampler.
         keep: how many complete checkpoints to keep (older ones are deleted).
         stream: where rank 0 reports saves and loads (default stderr).
     """
 
-    def __init__(self, cfg, grid, chunks, model, opt, sampler, scaler=None, *,
-                 keep: int = 3, stream=None):
-        self.cfg, self.grid, self.chunks, self.stage, self.opt = cfg, grid, chunks, model, opt
+    def __init__(self, cfg, chunks, opt, sampler, *, keep: int = 3, stream=None):
+        self.cfg, self.chunks, self.dims, self.opt = cfg, chunks, chunks.dims, opt
         if keep < 0:
             raise ValueError(f"run.keep_checkpoints must be >= 0 (0: keep all), got {keep}")
-        self.sampler, self.scaler, self.keep = sampler, scaler, keep
-        self.prefixes = [""] if len(chunks) == 1 else [f"{c}." for c in range(len(chunks))]
+        self.sampler, self.keep = sampler, keep
         self.root = Path(cfg.run.out) / "checkpoints"
         self.log = lambda s: (end_progress_line(), print(s, file=stream or sys.stderr,
                                                           flush=True))
-        self.writer = grid.dp_rank == 0 and grid.tp_rank == 0  # one writer per stage
+        dims = self.dims
+        self.writer = dims.dp_rank == 0 and dims.tp_rank == 0  # one writer per stage
         pids = Path(cfg.run.out) / "pids"  # so that operators (and tests) can find a rank
         pids.mkdir(parents=True, exist_ok=True)
-        (pids / f"rank_{grid.rank:05d}").write_text(str(os.getpid()))
+        (pids / f"rank_{dims.rank:05d}").write_text(str(os.getpid()))
 
     def _barrier(self):
-        if dist.is_initialized() and self.grid.world > 1:
+        if dist.is_initialized() and self.dims.world_size > 1:
             dist.barrier()
 
     def _layout(self) -> dict:
         p = self.cfg.parallel
-        return {"dp": p.dp, "tp": p.tp, "pp": p.pp, "world": self.grid.world,
+        return {"dp": p.dp, "tp": p.tp, "pp": p.pp, "world": self.dims.world_size,
                 "microbatches": p.microbatches, "sequence_parallel": p.sequence_parallel}
 
     def should_save(self, step: int, last: int) -> bool:
@@ -318,30 +337,30 @@ class Checkpointer:
         import torch.distributed.checkpoint as dcp
 
         t0 = time.perf_counter()
-        if self.grid.rank == 0:
+        if self.dims.rank == 0:
             self.root.mkdir(parents=True, exist_ok=True)
             for stale in self.root.glob(".tmp-step_*"):  # left by a crash while saving
                 shutil.rmtree(stale)  # never complete, never read
             tmp.mkdir()
             (tmp / "rng").mkdir()
         self._barrier()
-        state, extra = _optimizer_full_state(self.opt, self.stage)
+        state, extra = _optimizer_full_state(self.opt)
         sd: dict[str, torch.Tensor] = {}
         for key in KEYS:
-            for chunk, pre in zip(self.chunks, self.prefixes):
-                mine = {n[len(pre):]: t for n, t in state[key].items() if n.startswith(pre)}
-                full = to_logical(chunk, mine)  # collective over TP
-                if self.writer:
-                    sd.update({f"{key}/{n}": t.cpu() for n, t in full.items()})
+            full = logical_tensors(self.chunks, state[key])  # collective over TP
+            if self.writer:
+                sd.update({f"{key}/{n}": t.cpu() for n, t in full.items()})
         with _quiet_single_process():
             dcp.save(sd, checkpoint_id=str(tmp), no_dist=not dist.is_initialized())
-        _torch_save(_rng_state(), tmp / "rng" / f"rank_{self.grid.rank:05d}.pt")
-        if self.grid.rank == 0:
-            ts = {"step": step, "sampler": self.sampler.state_dict(), "optimizer": extra,
-                  "scaler": self.scaler.state_dict() if self.scaler else None}
+        # every rank makes the folder it writes into (a node without the shared filesystem
+        # of rank 0 would not see rank 0's mkdir)
+        (tmp / "rng").mkdir(parents=True, exist_ok=True)
+        _torch_save(_rng_state(), tmp / "rng" / f"rank_{self.dims.rank:05d}.pt")
+        if self.dims.rank == 0:
+            ts = {"step": step, "sampler": self.sampler.state_dict(), "optimizer": extra}
             _torch_save(ts, tmp / "trainer_state.pt")
         self._barrier()
-        if self.grid.rank == 0:
+        if self.dims.rank == 0:
             _fault_point(step, tmp)
             _fsync_tree(tmp)
             files = {str(p.relative_to(tmp)): {"bytes": p.stat().st_size, "sha256": _sha256(p)}
@@ -376,18 +395,18 @@ class Checkpointer:
         from haillm.trainer.runfolder import find_resume_checkpoint
 
         choice: list = [None, None]
-        if self.grid.rank == 0:
+        if self.dims.rank == 0:
             try:
                 found = find_resume_checkpoint(self.root, log=self.log)
                 choice = [str(found[0]) if found else None, None]
             except CheckpointError as e:
                 choice = [None, str(e)]
-        if dist.is_initialized() and self.grid.world > 1:
+        if dist.is_initialized() and self.dims.world_size > 1:
             dist.broadcast_object_list(choice, src=0)
         if choice[1] is not None:
             raise CheckpointError(choice[1])
         if choice[0] is None:
-            if self.grid.rank == 0:
+            if self.dims.rank == 0:
                 self.log(f"haillm: --resume: no checkpoint in {self.root}; starting fresh "
                          "from step 0")
                 _trim_metrics(Path(self.cfg.run.out), 0)
@@ -403,27 +422,23 @@ class Checkpointer:
 
         manifest = json.loads((Path(path) / "manifest.json").read_text())
         check_same_run(Path(path), manifest, self.cfg)
-        shapes = {n: s for c in self.chunks for n, s in logical_shapes(c).items()}
+        specs = param_specs(self.cfg.model)
+        shapes = {n: specs[n].shape for n, _ in self.chunks.local.named_parameters()}
         sd = {f"{k}/{n}": torch.empty(s, dtype=torch.float32) for k in KEYS
               for n, s in shapes.items()}
         with _quiet_single_process():
             dcp.load(sd, checkpoint_id=str(path), no_dist=not dist.is_initialized())
-        dev = next(self.stage.parameters()).device
-        state: dict[str, dict[str, torch.Tensor]] = {k: {} for k in KEYS}
-        for k in KEYS:
-            full = {n: sd[f"{k}/{n}"] for n in shapes}
-            for chunk, pre in zip(self.chunks, self.prefixes):
-                state[k].update({pre + n: t.to(dev) for n, t in from_logical(chunk, full).items()})
+        dev = next(self.chunks.local.parameters()).device
+        state = {k: {n: t.to(dev) for n, t in local_tensors(
+            self.chunks, {n: sd[f"{k}/{n}"] for n in shapes}).items()} for k in KEYS}
         ts = torch.load(Path(path) / "trainer_state.pt", weights_only=False)
-        _optimizer_load_full(self.opt, self.stage, state, ts["optimizer"])
+        _optimizer_load_full(self.opt, state, ts["optimizer"])
         self.sampler.load_state_dict(ts["sampler"])
-        if self.scaler is not None and ts["scaler"]:
-            self.scaler.scale, self.scaler.good = ts["scaler"]["scale"], ts["scaler"]["good"]
         same = manifest["layout"] == self._layout()
-        rng = Path(path) / "rng" / f"rank_{self.grid.rank:05d}.pt"
+        rng = Path(path) / "rng" / f"rank_{self.dims.rank:05d}.pt"
         if same and rng.is_file():
             _set_rng_state(torch.load(rng, weights_only=False))
-        if self.grid.rank == 0:
+        if self.dims.rank == 0:
             _trim_metrics(Path(self.cfg.run.out), int(ts["step"]))
             old = manifest["layout"]
             how = "same layout" if same else (f"resharded from dp={old['dp']} tp={old['tp']} "

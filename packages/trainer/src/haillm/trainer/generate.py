@@ -1,19 +1,14 @@
-"""`haillm-generate`: sampling from a checkpoint of any layout, with a KV cache, in one process.
+"""`haillm-generate`: sampling from a checkpoint of any layout, in one process.
 
-Loading: a checkpoint stores every weight under its logical name and global shape (see
-`haillm.trainer.checkpoint`), so whatever (dp, tp, pp) layout trained it, one process reads
-the full tensors (`load_logical`, DCP without a process group) straight into a
-`reference.DeepSeekLM`. The unsharded `model.safetensors` export loads the same way.
+Loading: a checkpoint stores every weight under its `DeepSeekLM` name with its global shape
+(see `haillm.trainer.checkpoint`), so whatever (dp, tp, pp) layout trained it, one process
+reads the full tensors (`load_logical`, DCP without a process group) straight into a
+`DeepSeekLM`. The unsharded `model.safetensors` export loads the same way.
 
-Decoding with a KV cache: the prompt goes through the model once (*prefill*), every layer
-keeping its keys and values (after RoPE) in a cache of shape (B, S_max, H_kv, D); each new
-token then costs one position per layer (*decode*): its query attends to the cached keys, so
-a step is O(S) instead of re-running the whole O(S^2) prefix (what
-`DeepSeekLM.generate`, the teaching version, does). When the context reaches the model's
-`seq_len`, the cache is rebuilt from the last `seq_len // 2` tokens (a sliding window).
-
-What the real servers add (vLLM, TensorRT-LLM): paged caches shared across requests,
-continuous batching, and fused decode-attention kernels.
+Decoding is the model's own `DeepSeekLM.generate`: a KV cache and `flash_attention` with
+seqlen_q < seqlen_k (bottom-right causal), one attention and one sampler for training and
+generation. What the real servers add (vLLM, TensorRT-LLM): paged caches shared across
+requests, continuous batching, and fused decode-attention kernels.
 """
 
 from __future__ import annotations
@@ -23,95 +18,19 @@ import sys
 from pathlib import Path
 
 import torch
-from einops import rearrange
 
-from haillm.trainer.config import Config, ModelConfig, apply_dict
-from haillm.trainer.reference import DeepSeekLM, apply_rope, rope_cache
+from haillm.trainer.config import Config, apply_dict
+from haillm.trainer.model import DeepSeekLM
 
-__all__ = ["KVCache", "export_safetensors", "forward_cached", "generate", "load_model",
-           "run_generate", "sample_next"]
+__all__ = ["export_safetensors", "generate", "load_model", "run_generate"]
 
 
-class KVCache:
-    """Keys and values of every layer: k[i], v[i] of shape (B, S_max, H_kv, D); `length` used."""
-
-    def __init__(self, cfg: ModelConfig, batch: int, max_len: int, dtype, device):
-        shape = (batch, max_len, cfg.n_kv_heads, cfg.head_dim)
-        self.k = [torch.zeros(shape, dtype=dtype, device=device) for _ in range(cfg.n_layers)]
-        self.v = [torch.zeros(shape, dtype=dtype, device=device) for _ in range(cfg.n_layers)]
-        self.length = 0
-
-
-def _attend(attn, x, cache: KVCache, layer: int, cos, sin):
-    """x (B, T, d) at positions [L, L+T) -> (B, T, d), appending its k, v to the cache."""
-    hd, start = attn.head_dim, cache.length
-    t = x.shape[1]
-    q = rearrange(attn.wq(x), "b t (h d) -> b t h d", d=hd)
-    k = rearrange(attn.wk(x), "b t (h d) -> b t h d", d=hd)
-    v = rearrange(attn.wv(x), "b t (h d) -> b t h d", d=hd)
-    q = apply_rope(q, cos[start:start + t], sin[start:start + t])
-    k = apply_rope(k, cos[start:start + t], sin[start:start + t])
-    cache.k[layer][:, start:start + t] = k
-    cache.v[layer][:, start:start + t] = v
-    keys, vals = cache.k[layer][:, :start + t], cache.v[layer][:, :start + t]  # (B, L+T, Hkv, D)
-    rep = attn.n_heads // attn.n_kv_heads
-    keys, vals = keys.repeat_interleave(rep, dim=2), vals.repeat_interleave(rep, dim=2)
-    scores = torch.einsum("bqhd,bkhd->bhqk", q.float(), keys.float()) / hd**0.5
-    # query i sits at position start + i: it sees keys 0 .. start + i
-    mask = torch.ones(t, start + t, dtype=torch.bool, device=x.device).triu(start + 1)
-    p = scores.masked_fill(mask, float("-inf")).softmax(-1)
-    o = torch.einsum("bhqk,bkhd->bqhd", p, vals.float()).to(x.dtype)
-    return attn.wo(rearrange(o, "b t h d -> b t (h d)"))
-
-
-@torch.no_grad()
-def forward_cached(model: DeepSeekLM, tokens: torch.Tensor, cache: KVCache, cos, sin):
-    """tokens (B, T) following the cache's `length` positions -> logits (B, T, V)."""
-    x = model.embed(tokens)
-    for i, blk in enumerate(model.layers):
-        x = x + _attend(blk.attn, blk.attn_norm(x), cache, i, cos, sin)
-        x = x + blk.mlp(blk.mlp_norm(x))
-    cache.length += tokens.shape[1]
-    return model.head(model.norm(x))
-
-
-def sample_next(logits: torch.Tensor, temperature: float, top_k: int,
-                generator: torch.Generator | None = None) -> torch.Tensor:
-    """logits (B, V) -> next tokens (B, 1): greedy at temperature 0, else top-k sampling."""
-    logits = logits.float()
-    if temperature <= 0:
-        return logits.argmax(-1, keepdim=True)
-    logits = logits / temperature
-    if top_k:
-        kth = logits.topk(min(top_k, logits.shape[-1])).values[:, -1:]
-        logits = logits.masked_fill(logits < kth, float("-inf"))
-    return torch.multinomial(logits.softmax(-1), 1, generator=generator)
-
-
-@torch.no_grad()
 def generate(model: DeepSeekLM, tokens: torch.Tensor, max_new_tokens: int, *,
              temperature: float = 0.8, top_k: int = 20,
              generator: torch.Generator | None = None) -> torch.Tensor:
-    """Continue `tokens` (B, S) by `max_new_tokens` tokens with a KV cache -> (B, S + new)."""
-    cfg = model.cfg
-    window = cfg.seq_len
-    p = next(model.parameters())
-    cos, sin = rope_cache(window, cfg.head_dim, cfg.rope_theta, p.device)
-    out = tokens[:, -window:]
-    cache = KVCache(cfg, tokens.shape[0], window, p.dtype, p.device)
-    logits = forward_cached(model, out, cache, cos, sin)[:, -1]  # prefill
-    result = [tokens]
-    for _ in range(max_new_tokens):
-        nxt = sample_next(logits, temperature, top_k, generator)
-        result.append(nxt)
-        out = torch.cat([out, nxt], dim=1)
-        if cache.length == window:  # full: slide, re-prefill the last half
-            out = out[:, -(window // 2):]
-            cache = KVCache(cfg, tokens.shape[0], window, p.dtype, p.device)
-            logits = forward_cached(model, out, cache, cos, sin)[:, -1]
-        else:
-            logits = forward_cached(model, nxt, cache, cos, sin)[:, -1]
-    return torch.cat(result, dim=1)
+    """`model.generate` (KV cache): continue `tokens` (B, S) -> (B, S + max_new_tokens)."""
+    return model.generate(tokens, max_new_tokens, temperature=temperature, top_k=top_k,
+                          generator=generator)
 
 
 def load_model(path: str | Path, *, dtype=torch.float32, device="cpu",

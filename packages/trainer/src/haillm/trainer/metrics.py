@@ -115,8 +115,6 @@ def fmt_time(s: float) -> str:
     return f"{s // 3600}h{s % 3600 // 60:02d}m" if s >= 3600 else f"{s // 60}m{s % 60:02d}s"
 
 
-_fmt_time = fmt_time  # the old private name
-
 
 class _Console:
     """The progress line on a terminal stays open (updated in place with '\\r'); anything

@@ -1,300 +1,340 @@
-"""The parallel DeepSeek LLM: one pipeline stage, its weights sharded over the TP group.
+"""`DeepSeekLM`: the DeepSeek LLM decoder, the one model class of the trainer.
 
-Built from a `reference.DeepSeekLM` that every rank constructs from the same seed: each rank
-keeps only its slices, so the parallel model starts bit-identical to the reference. The
-reference may be lazy (meta parameters): a stage then materialises one reference layer at a
-time, slices it and frees it, so a rank never holds more than one full layer (plus the
-embedding or head) on top of its own shards.
+Pre-norm decoder blocks (paper section 2.2, the LLaMA design): RMSNorm -> attention with RoPE
+(grouped-query when `n_kv_heads < n_heads`) -> residual add; RMSNorm -> SwiGLU MLP -> residual
+add; a final RMSNorm and an untied output head. Weights start from N(0, 0.006^2) (the paper's
+init std), norm weights at 1.
 
-Per decoder block, under tensor parallelism (Megatron) with sequence parallelism (SP):
+As built, the model is the plain single-process spec: `nn.Linear` projections, the norms'
+and the SwiGLU's reference paths, `flash_attention(impl="reference")` (the score matrix,
+materialised). `parallelize` (haillm.trainer.parallelize) turns the *same* modules into one
+rank's share of a dp x tp x pp run: fused kernels, `haillm.parallel` layers, pipeline chunks.
+Nothing here repeats K/V or writes an attention softmax; the parameter names (`shard_plan`)
+never depend on the layout.
 
-    x (B, S/tp, d) --fused rms_norm(+residual)--> gather_seq --> [Wq|Wk|Wv]_r  (merged QKV,
-    column-parallel: this rank's heads) --> RoPE --> flash_attention (local heads, GQA)
-    --> Wo_r (row-parallel) --> reduce-scatter along the sequence --> (B, S/tp, d)
-    same for the MLP: gather_seq --> linear_swiglu([Wg|Wu]_r) --> Wdown_r --> reduce-scatter.
+Two projections are merged (DeepSeek section 2.4, "fuse GEMMs"): `attn.wqkv` = [Wq; Wk; Wv]
+(unequal widths under GQA) and `mlp.w_gate_up` = [W_gate; W_up]. Each part is initialised
+under its own name, so the values equal those of separate layers.
 
-The projections are `haillm.parallel`'s Column/RowParallelLinear (which run the SP collectives
-themselves, overlapped with the GEMMs); the regions around the fused SwiGLU GEMM, the
-embedding and the head are `haillm.parallel`'s mappings. Without SP the gather/reduce-scatter
-pair becomes Megatron's f/g (identity and all-reduce); at tp = 1 everything is the identity
-and the weights are plain parameters.
-The stage's first/last roles: the embedding (vocab-parallel) on the first stage, the final
-norm, the head (vocab-parallel) and the loss on the last. Between stages only the residual
-stream travels: (B, S/tp, d) under SP, (B, S, d) otherwise.
+Initialisation is per parameter: parameter `name` is drawn from a generator seeded by
+(seed, name) alone, never from a shared random stream. The model is therefore built on the
+*meta* device (structure, no memory) and any rank materialises just the slices it owns, one
+parameter at a time, with exactly the values of the eager model: how a pipeline stage of a
+67B model is built without ever holding the whole model.
+
+A pipeline chunk is a `DeepSeekLM` too (`stage`): some of the layers, the embedding only on
+the first, the final norm and head only on the last (torchtitan's model-splitting).
 """
 
 from __future__ import annotations
 
-from contextlib import contextmanager
+import zlib
 
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
 from einops import rearrange
 
-from haillm.parallel import (
-    copy_to_tensor_parallel_region,
-    gather_from_sequence_parallel_region,
-    mark_sequence_parallel,
-    reduce_from_tensor_parallel_region,
-    reduce_scatter_to_sequence_parallel_region,
-)
+from haillm.flashattn import flash_attention
+from haillm.fusedops import RMSNorm, cross_entropy_reference, linear_swiglu
 from haillm.trainer.config import ModelConfig
-from haillm.trainer.grid import Grid
-from haillm.trainer.ops import Ops
-from haillm.trainer.reference import DeepSeekLM, apply_rope, rope_cache
+from haillm.trainer.shard_plan import ParamSpec, param_specs
 
-__all__ = ["ParallelBlock", "StageModel", "gather_full_state", "split_layers"]
-
-
-# haillm.parallel's regions, with the trainer's (B, S, d) layout: the sequence is dim 1.
-# Each is the identity at tp = 1.
-def copy_to_tp(x, group):
-    """Megatron f: identity forward, all-reduce backward."""
-    return copy_to_tensor_parallel_region(x, group)
+__all__ = ["Attention", "Block", "DeepSeekLM", "KVCache", "MLP", "apply_rope", "init_value",
+           "rope_cache", "sample_next"]
 
 
-def reduce_from_tp(x, group):
-    """Megatron g: all-reduce forward, identity backward."""
-    return reduce_from_tensor_parallel_region(x, group)
+def _draw(cfg: ModelConfig, seed: int, name: str, shape) -> torch.Tensor:
+    g = torch.Generator().manual_seed((int(seed) * 1_000_003 + zlib.crc32(name.encode())) % 2**63)
+    return torch.empty(shape).normal_(0.0, cfg.init_std, generator=g)
 
 
-def gather_seq(x, group):
-    """SP: (B, S/tp, ...) -> (B, S, ...) all-gather; backward reduce-scatters."""
-    return gather_from_sequence_parallel_region(x, group, seq_dim=1)
+def init_value(cfg: ModelConfig, seed: int, name: str, spec: ParamSpec | None = None
+               ) -> torch.Tensor:
+    """The initial full fp32 value of parameter `name` (CPU): norm weights 1, every other
+    weight N(0, init_std^2), each merged part from a generator seeded by (seed, part name)
+    only (the same on every rank, in any order of materialisation)."""
+    spec = spec or param_specs(cfg)[name]
+    if name.endswith("norm.weight"):
+        return torch.ones(spec.shape)
+    if spec.parts:
+        return torch.cat([_draw(cfg, seed, part, (rows, *spec.shape[1:]))
+                          for part, rows in spec.parts])
+    return _draw(cfg, seed, name, spec.shape)
 
 
-def scatter_seq_reduce(x, group):
-    """SP: (B, S, ...) partial sums -> (B, S/tp, ...) reduced; backward all-gathers."""
-    return reduce_scatter_to_sequence_parallel_region(x, group, seq_dim=1)
+def rope_cache(seq_len: int, head_dim: int, theta: float, device=None, *, start: int = 0):
+    """cos and sin of positions [start, start + seq_len), each (seq_len, head_dim), fp32
+    (the rotate-half layout of LLaMA and Hugging Face's Llama)."""
+    inv = 1.0 / theta ** (torch.arange(0, head_dim, 2, dtype=torch.float32, device=device)
+                          / head_dim)
+    t = torch.arange(start, start + seq_len, dtype=torch.float32, device=device)
+    freqs = torch.outer(t, inv)  # (S, D/2)
+    emb = torch.cat([freqs, freqs], dim=-1)  # (S, D)
+    return emb.cos(), emb.sin()
 
 
-def split_layers(n_layers: int, n_stages: int) -> list[range]:
-    """Layers per stage, as even as possible (the first stages take the remainder)."""
-    base, extra = divmod(n_layers, n_stages)
-    out, start = [], 0
-    for s in range(n_stages):
-        n = base + (1 if s < extra else 0)
-        out.append(range(start, start + n))
-        start += n
-    return out
+def apply_rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
+    """Rotate `x` (B, S, H, D) by the position angles; computed in fp32, returned in x.dtype."""
+    xf = x.float()
+    x1, x2 = xf.chunk(2, dim=-1)
+    rotated = torch.cat([-x2, x1], dim=-1)
+    cos, sin = cos[None, :, None, :], sin[None, :, None, :]  # (1, S, 1, D)
+    return (xf * cos + rotated * sin).to(x.dtype)
 
 
-@contextmanager
-def _materialized(ref: DeepSeekLM, prefix: str):
-    """Inside: the reference's parameters under `prefix` hold values (a lazy reference is
-    materialised for the block and freed after; an eager one is left as it is)."""
-    names = ref.materialize_(prefix)
-    try:
-        yield
-    finally:
-        ref.release_(names)
+class KVCache:
+    """Keys (after RoPE) and values of every layer: (B, S_max, H_kv, D) each; `length` used."""
+
+    def __init__(self, cfg: ModelConfig, batch: int, max_len: int, dtype, device):
+        shape = (batch, max_len, cfg.n_kv_heads, cfg.head_dim)
+        self.k = [torch.zeros(shape, dtype=dtype, device=device) for _ in range(cfg.n_layers)]
+        self.v = [torch.zeros(shape, dtype=dtype, device=device) for _ in range(cfg.n_layers)]
+        self.length, self.max_len = 0, max_len
+
+    def update(self, layer: int, k: torch.Tensor, v: torch.Tensor):
+        """Append k, v (B, T, H_kv, D) at `length`; returns the layer's keys and values so far,
+        (B, length + T, H_kv, D) each (views: nothing copied but the new positions)."""
+        s, t = self.length, k.shape[1]
+        self.k[layer][:, s:s + t] = k
+        self.v[layer][:, s:s + t] = v
+        return self.k[layer][:, :s + t], self.v[layer][:, :s + t]
 
 
-def _rows(w: torch.Tensor, r: int, n: int) -> torch.Tensor:
-    return w.chunk(n, dim=0)[r]
+class Attention(nn.Module):
+    """Causal attention with RoPE through `haillm.flashattn.flash_attention` (GQA without
+    copying K/V). Head counts are this rank's (`parallelize` divides them by tp)."""
 
-
-def _cols(w: torch.Tensor, r: int, n: int) -> torch.Tensor:
-    return w.chunk(n, dim=1)[r]
-
-
-def _param(t: torch.Tensor, dtype, device, *, replicated=False, sp=False) -> nn.Parameter:
-    p = nn.Parameter(t.detach().to(device=device, dtype=dtype).contiguous().clone())
-    p.tp_replicated = replicated  # norm weights: same on every TP rank, no weight decay
-    if replicated and sp:
-        # under SP each TP rank sees only its part of the sequence: the gradient is a partial
-        # sum, all-reduced over TP by haillm.parallel's hooks (registered by the optimizer)
-        mark_sequence_parallel(p)
-    return p
-
-
-class ParallelBlock(nn.Module):
-    """One decoder block holding this TP rank's shards (see the module docstring)."""
-
-    def __init__(self, ref_block, cfg: ModelConfig, grid: Grid, ops: Ops, sp: bool, dtype,
-                 device):
+    def __init__(self, cfg: ModelConfig, layer_id: int):
         super().__init__()
-        tp, r = grid.tp, grid.tp_rank
-        self.cfg, self.grid, self.ops, self.sp = cfg, grid, ops, sp and tp > 1
-        self.hq, self.hkv = cfg.n_heads // tp, cfg.n_kv_heads // tp
-        a, m = ref_block.attn, ref_block.mlp
-        self.attn_norm = _param(ref_block.attn_norm.weight, dtype, device, replicated=True,
-                                sp=self.sp)
-        self.mlp_norm = _param(ref_block.mlp_norm.weight, dtype, device, replicated=True,
-                               sp=self.sp)
-        # merged gate-up: [W_gate rows of rank r ; W_up rows of rank r], as linear_swiglu wants
-        self.w_gate_up = _param(torch.cat([_rows(m.w_gate.weight, r, tp),
-                                           _rows(m.w_up.weight, r, tp)]), dtype, device)
-        self.tp_layers = ops.tp_layers if tp > 1 else None
-        if self.tp_layers is not None:
-            # haillm.parallel's layers: the merged QKV is one ColumnParallelLinear whose parts
-            # (q, k, v) are split separately, so each rank keeps its own heads of each; they
-            # run the SP all-gather / reduce-scatter themselves, overlapped with the GEMMs
-            col, row = self.tp_layers
-            hd, nq, nkv = cfg.head_dim, cfg.n_heads, cfg.n_kv_heads
-            full = nn.Linear(cfg.hidden_size, (nq + 2 * nkv) * hd, bias=False)
-            with torch.no_grad():
-                full.weight.copy_(torch.cat([a.wq.weight, a.wk.weight, a.wv.weight]))
-            kw = dict(group=grid.tp_group, sequence_parallel=self.sp, seq_dim=1)
-            ov = ops.tp_overlap
-            self.qkv = col.from_full(full, partition_sizes=[nq * hd, nkv * hd, nkv * hd],
-                                     overlap_grad_comm=ov, overlap_sp_comm=ov and self.sp, **kw)
-            self.o_proj = row.from_full(a.wo, overlap_sp_comm=ov and self.sp, **kw)
-            self.down_proj = row.from_full(m.w_down, overlap_sp_comm=ov and self.sp, **kw)
-            self.to(device=device, dtype=dtype)
-        else:  # tp = 1: the plain weights, merged QKV
-            self._wqkv = _param(torch.cat([a.wq.weight, a.wk.weight, a.wv.weight]), dtype,
-                                device)
-            self._wo = _param(a.wo.weight, dtype, device)
-            self._w_down = _param(m.w_down.weight, dtype, device)
+        d, hd = cfg.hidden_size, cfg.head_dim
+        self.n_heads, self.n_kv_heads, self.head_dim = cfg.n_heads, cfg.n_kv_heads, hd
+        self.layer_id = layer_id
+        self.impl = "reference"  # the readable spec; parallelize picks the configured one
+        self.wqkv = nn.Linear(d, (cfg.n_heads + 2 * cfg.n_kv_heads) * hd, bias=False)
+        self.wo = nn.Linear(cfg.n_heads * hd, d, bias=False)
 
-    # the weights, whichever layers hold them: (out/tp, in) and (out, in/tp) slices
-    @property
-    def wqkv(self):
-        return self.qkv.weight if self.tp_layers else self._wqkv
-
-    @property
-    def wo(self):
-        return self.o_proj.weight if self.tp_layers else self._wo
-
-    @property
-    def w_down(self):
-        return self.down_proj.weight if self.tp_layers else self._w_down
-
-    def _enter(self, x):  # column-parallel input: gather the sequence (SP) or Megatron f
-        g = self.grid.tp_group
-        return gather_seq(x, g) if self.sp else copy_to_tp(x, g)
-
-    def forward(self, h, residual, cos, sin):
-        """h, residual: (B, S_local, d) -> (h', residual'); residual None on the first block."""
-        eps, hd = self.cfg.norm_eps, self.cfg.head_dim
-        if residual is None:
-            residual = h
-            x = self.ops.rms_norm(h, self.attn_norm, eps)
-        else:
-            x, residual = self.ops.rms_norm(h, self.attn_norm, eps, residual=residual)
-        if self.tp_layers:
-            qkv = self.qkv(x)  # SP all-gather (or Megatron f) inside: (B, S, local q|k|v)
-        else:
-            qkv = F.linear(x, self.wqkv)  # (B, S, q|k|v)
-        q, k, v = qkv.split([self.hq * hd, self.hkv * hd, self.hkv * hd], dim=-1)
+    def forward(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor,
+                cache: KVCache | None = None) -> torch.Tensor:
+        """x (B, S, d) (under SP: (B, S/tp, d), gathered by `wqkv`) -> (B, S[/tp], d)."""
+        hd = self.head_dim
+        qkv = self.wqkv(x)  # (B, S, (Hq + 2 Hkv) D): this rank's heads of q, k and v
+        q, k, v = qkv.split([self.n_heads * hd, self.n_kv_heads * hd, self.n_kv_heads * hd], -1)
         q = rearrange(q, "b s (h d) -> b s h d", d=hd)
         k = rearrange(k, "b s (h d) -> b s h d", d=hd)
         v = rearrange(v, "b s (h d) -> b s h d", d=hd)
         q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)
-        o = self.ops.attn(q.contiguous(), k.contiguous(), v.contiguous())  # (B, S, Hq_l, D)
-        o = rearrange(o, "b s h d -> b s (h d)")
-        h = self.o_proj(o) if self.tp_layers else F.linear(o, self.wo)
-        x, residual = self.ops.rms_norm(h, self.mlp_norm, eps, residual=residual)
-        a = self.ops.swiglu(self._enter(x), self.w_gate_up)  # fused GEMM: (B, S, f/tp)
-        h = self.down_proj(a) if self.tp_layers else F.linear(a, self.w_down)
-        return h, residual
+        if cache is not None:  # decoding: the new queries attend to every cached key
+            k, v = cache.update(self.layer_id, k, v)  # (B, L + S, Hkv, D)
+        # causal, aligned bottom-right when seqlen_q < seqlen_k (the KV-cache case)
+        o = flash_attention(q.contiguous(), k.contiguous(), v.contiguous(), causal=True,
+                            impl=self.impl)  # (B, S, Hq, D)
+        return self.wo(rearrange(o, "b s h d -> b s (h d)"))
 
 
-class StageModel(nn.Module):
-    """The layers `layer_ids` of the model on this rank (+ embedding / head+loss at the ends).
+class MLP(nn.Module):
+    """SwiGLU: down(silu(x W_gate^T) * (x W_up^T)), gate and up as one merged weight."""
 
-    `forward(x, targets)`: first stage x = tokens (B, S) int64, else the residual stream
-    (B, S_local, d); returns the residual stream, or on the last stage the mean loss.
+    def __init__(self, cfg: ModelConfig):
+        super().__init__()
+        d, f = cfg.hidden_size, cfg.intermediate_size
+        self.w_gate_up = nn.Linear(d, 2 * f, bias=False)
+        self.w_down = nn.Linear(f, d, bias=False)
+        self.impl = "reference"  # "reference": the plain GEMM then silu * up
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        """x (B, S, d) -> (B, S, d) (under SP both (B, S/tp, d))."""
+        if self.impl == "reference":
+            gate, up = self.w_gate_up(x).chunk(2, dim=-1)  # (B, S, f[/tp]) each
+            return self.w_down(F.silu(gate) * up)
+        # fused: one GEMM with the SwiGLU in its epilogue. Under TP it reads the layer's input
+        # region itself (the SP all-gather, or Megatron's f) and this rank's [gate; up] rows.
+        region = getattr(self.w_gate_up, "input_region", None)
+        x = region(x) if region is not None else x
+        return self.w_down(linear_swiglu(x, self.w_gate_up.weight, impl=self.impl))
+
+
+class Block(nn.Module):
+    """Pre-norm decoder block, written with the residual carried beside the stream so that a
+    fused norm can add it in its own pass: (h, r) -> norm(h + r) -> attention -> ... ."""
+
+    def __init__(self, cfg: ModelConfig, layer_id: int):
+        super().__init__()
+        self.attn_norm = RMSNorm(cfg.hidden_size, cfg.norm_eps, impl="reference")
+        self.attn = Attention(cfg, layer_id)
+        self.mlp_norm = RMSNorm(cfg.hidden_size, cfg.norm_eps, impl="reference")
+        self.mlp = MLP(cfg)
+
+    def forward(self, h, residual, cos, sin, cache=None):
+        """h, residual (B, S, d) (residual None on a chunk's first block) -> (h', residual').
+        The block's output stream is h' + residual' (x + attn(norm x) + mlp(norm .))."""
+        if residual is None:
+            residual, x = h, self.attn_norm(h)
+        else:
+            x, residual = self.attn_norm(h, residual)  # norm(h + r), h + r
+        h = self.attn(x, cos, sin, cache)
+        x, residual = self.mlp_norm(h, residual)
+        return self.mlp(x), residual
+
+
+def sample_next(logits: torch.Tensor, temperature: float, top_k: int,
+                generator: torch.Generator | None = None) -> torch.Tensor:
+    """logits (B, V) -> next tokens (B, 1): greedy at temperature 0, else top-k sampling."""
+    logits = logits.float()
+    if temperature <= 0:
+        return logits.argmax(-1, keepdim=True)
+    logits = logits / temperature
+    if top_k:
+        kth = logits.topk(min(top_k, logits.shape[-1])).values[:, -1:]
+        logits = logits.masked_fill(logits < kth, float("-inf"))
+    return torch.multinomial(logits.softmax(-1), 1, generator=generator)
+
+
+class DeepSeekLM(nn.Module):
+    """The decoder: `forward(tokens (B, S))` -> logits (B, S, V), or with targets the mean loss.
+
+    Args:
+        cfg: the model shape.
+        seed: seed of the initialisation (None: one drawn from torch's global generator).
+        lazy: leave every parameter on the meta device (no memory); `materialize_` or
+            `parallelize` gives them values later.
+
+    A pipeline chunk (`stage`) may lack the embedding (its input is then the residual stream
+    (B, S_local, d)) or the head (it then returns the stream).
     """
 
-    def __init__(self, ref: DeepSeekLM, layer_ids, grid: Grid, ops: Ops, *, first: bool,
-                 last: bool, sequence_parallel: bool, dtype=torch.float32, device="cpu"):
+    def __init__(self, cfg: ModelConfig, *, seed: int | None = None, lazy: bool = False):
         super().__init__()
-        cfg, tp, r = ref.cfg, grid.tp, grid.tp_rank
-        self.cfg, self.grid, self.ops, self.first, self.last = cfg, grid, ops, first, last
-        self.sp = sequence_parallel and tp > 1
-        self.layer_ids = list(layer_ids)
-        if first:
-            with _materialized(ref, "embed."):
-                self.embed = _param(_rows(ref.embed.weight, r, tp), dtype, device)
-        blocks = []
-        for i in layer_ids:
-            with _materialized(ref, f"layers.{i}."):
-                blocks.append(ParallelBlock(ref.layers[i], cfg, grid, ops, sequence_parallel,
-                                            dtype, device))
-        self.layers = nn.ModuleList(blocks)
-        if last:
-            with _materialized(ref, "norm."), _materialized(ref, "head."):
-                self.norm = _param(ref.norm.weight, dtype, device, replicated=True, sp=self.sp)
-                self.head = _param(_rows(ref.head.weight, r, tp), dtype, device)
+        self.cfg = cfg
+        self.seed = int(torch.randint(0, 2**62, ()).item()) if seed is None else int(seed)
+        with torch.device("meta"):  # the structure only: no memory, no random numbers drawn
+            # `_weight` skips Embedding's normal_() init, which on the meta device runs through
+            # torch's Python decompositions (~20 s of imports per process); init_value gives
+            # every parameter its value anyway
+            self.embed = nn.Embedding(cfg.vocab_size, cfg.hidden_size, _weight=nn.Parameter(
+                torch.empty(cfg.vocab_size, cfg.hidden_size)))
+            # a ModuleDict keyed by the layer index: a chunk keeps the names of its layers
+            self.layers = nn.ModuleDict({str(i): Block(cfg, i) for i in range(cfg.n_layers)})
+            self.norm = RMSNorm(cfg.hidden_size, cfg.norm_eps, impl="reference")
+            self.head = nn.Linear(cfg.hidden_size, cfg.vocab_size, bias=False)
+        self.cross_entropy = cross_entropy_reference  # (N, V) logits, (N,) targets -> mean
+        self.seq_shards = 1  # the stream between blocks is (B, S / seq_shards, d) (SP: tp)
+        if not lazy:
+            self.materialize_()
 
-    def _embed(self, tokens):
-        g, tp = self.grid.tp_group, self.grid.tp
-        if tp == 1:
-            return F.embedding(tokens, self.embed)
-        vshard = self.embed.shape[0]
-        start = self.grid.tp_rank * vshard
-        local = (tokens >= start) & (tokens < start + vshard)
-        e = F.embedding((tokens - start).clamp(0, vshard - 1), self.embed)
-        e = e * local[..., None].to(e.dtype)  # (B, S, d): rows other ranks own are zero
-        return scatter_seq_reduce(e, g) if self.sp else reduce_from_tp(e, g)
+    # ---------------------------------------------------------------- parameters
+    def materialize_(self, value=None, *, dtype=torch.float32, device="cpu") -> list[str]:
+        """Give every meta parameter a value: ``value(name, param)`` (default: the seeded
+        init, `init_value`) cast to `dtype` on `device`. Attributes set on the meta parameter
+        (sequence-parallel marks) are kept. Returns the names materialised."""
+        if value is None:
+            specs = param_specs(self.cfg)
 
-    def forward(self, x, targets=None):
-        # full sequence length: tokens (B, S), or a residual stream sharded along S under SP
-        s_full = x.shape[1] * (self.grid.tp if (x.dim() == 3 and self.sp) else 1)
-        cos, sin = rope_cache(s_full, self.cfg.head_dim, self.cfg.rope_theta, x.device)
-        h = self._embed(x) if self.first else x
+            def value(name, p):
+                return init_value(self.cfg, self.seed, name, specs[name])
+        done = []
+        for name, p in list(self.named_parameters()):
+            if not p.is_meta:
+                continue
+            path, _, attr = name.rpartition(".")
+            owner = self.get_submodule(path)
+            t = value(name, p)
+            if tuple(t.shape) != tuple(p.shape):
+                raise ValueError(f"{name}: value of shape {tuple(t.shape)}, the parameter is "
+                                 f"{tuple(p.shape)}")
+            new = nn.Parameter(t.detach().to(device=device, dtype=dtype).contiguous(),
+                               requires_grad=p.requires_grad)
+            new.__dict__.update(p.__dict__)
+            owner._parameters[attr] = new
+            del t, new  # before the next value is drawn: one full tensor at a time
+            done.append(name)
+        return done
+
+    def stage(self, layer_ids, *, first: bool, last: bool) -> DeepSeekLM:
+        """A chunk of this model sharing its modules: layers `layer_ids`, the embedding when
+        `first`, the final norm and head when `last` (no copy; names are kept)."""
+        c = DeepSeekLM.__new__(DeepSeekLM)
+        nn.Module.__init__(c)
+        c.cfg, c.seed = self.cfg, self.seed
+        c.cross_entropy, c.seq_shards = self.cross_entropy, self.seq_shards
+        c.embed = self.embed if first else None
+        c.layers = nn.ModuleDict({str(i): self.layers[str(i)] for i in layer_ids})
+        c.norm, c.head = (self.norm, self.head) if last else (None, None)
+        return c
+
+    @property
+    def first(self) -> bool:
+        return self.embed is not None
+
+    @property
+    def last(self) -> bool:
+        return self.head is not None
+
+    # ---------------------------------------------------------------- forward
+    def forward(self, x: torch.Tensor, targets: torch.Tensor | None = None, *,
+                cache: KVCache | None = None):
+        """x: tokens (B, S) int64 (or, without the embedding, the stream (B, S_local, d)).
+
+        Returns the stream (B, S_local, d) when this chunk has no head, else the logits
+        (B, S, V) (V/tp under TP), or with `targets` (B, S) the mean cross-entropy (fp32).
+        With a `cache` (generation) x continues the cached positions.
+        """
+        if self.embed is not None:
+            seq = x.shape[1]
+            h = self.embed(x)  # (B, S[/tp], d)
+        else:
+            seq, h = x.shape[1] * self.seq_shards, x
+        start = cache.length if cache is not None else 0
+        cos, sin = rope_cache(seq, self.cfg.head_dim, self.cfg.rope_theta, h.device, start=start)
         residual = None
-        for layer in self.layers:
-            h, residual = layer(h, residual, cos, sin)
+        for layer in self.layers.values():
+            h, residual = layer(h, residual, cos, sin, cache)
         if residual is not None:
-            h = h + residual  # the residual stream: what the next stage (or the head) reads
-        if not self.last:
-            return h  # (B, S_local, d); the pipeline executor sends a dense copy if needed
-        y = self.ops.rms_norm(h, self.norm, self.cfg.norm_eps)
-        g = self.grid.tp_group
-        y = gather_seq(y, g) if self.sp else copy_to_tp(y, g)  # (B, S, d)
-        logits = F.linear(y, self.head).flatten(0, 1)  # (B*S, V/tp)
+            h = h + residual  # the residual stream: what the next chunk (or the head) reads
+        if cache is not None:
+            cache.length += seq
+        if self.head is None:
+            return h
+        logits = self.head(self.norm(h))  # (B, S, V[/tp]); under SP the head gathers S
         if targets is None:
             return logits
         return self.loss(logits, targets)
 
-    def loss(self, logits, targets):
-        """Mean cross-entropy of `logits` (B*S, V/tp) against `targets` (B, S) (last stage)."""
-        t = targets.flatten()
-        if self.grid.tp > 1:
-            return self.ops.vocab_parallel_ce(logits, t, group=self.grid.tp_group)
-        return self.ops.cross_entropy(logits, t)
+    def loss(self, logits: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
+        """Mean cross-entropy of logits (B, S, V[/tp]) against targets (B, S), in fp32 (the
+        plain one, the in-place one, or the vocab-parallel one: `parallelize` chooses)."""
+        return self.cross_entropy(logits.flatten(0, 1), targets.flatten())
 
+    # ---------------------------------------------------------------- generation
+    @torch.no_grad()
+    def generate(self, tokens: torch.Tensor, max_new_tokens: int, *, temperature: float = 0.8,
+                 top_k: int = 20, generator: torch.Generator | None = None,
+                 use_cache: bool = True) -> torch.Tensor:
+        """Continue `tokens` (B, S) by `max_new_tokens` -> (B, S + new).
 
-@torch.no_grad()
-def gather_full_state(stage: StageModel) -> dict[str, torch.Tensor]:
-    """This stage's weights un-sharded over TP, named as in `reference.DeepSeekLM` (fp32).
-
-    Collective over the TP group. Inverse of the slicing in the constructors.
-    """
-    import torch.distributed as dist
-
-    g, tp, cfg = stage.grid.tp_group, stage.grid.tp, stage.cfg
-
-    def full(t, dim):
-        t = t.detach().float().contiguous()
-        if tp == 1:
-            return [t]
-        parts = [torch.empty_like(t) for _ in range(tp)]
-        dist.all_gather(parts, t, group=g)
-        return parts
-
-    out: dict[str, torch.Tensor] = {}
-    hd = cfg.head_dim
-    if stage.first:
-        out["embed.weight"] = torch.cat(full(stage.embed, 0))
-    for i, blk in zip(stage.layer_ids, stage.layers):
-        p = f"layers.{i}."
-        qkv = full(blk.wqkv, 0)
-        split = [blk.hq * hd, blk.hkv * hd, blk.hkv * hd]
-        for j, name in enumerate(("wq", "wk", "wv")):
-            out[p + f"attn.{name}.weight"] = torch.cat([t.split(split)[j] for t in qkv])
-        out[p + "attn.wo.weight"] = torch.cat(full(blk.wo, 1), dim=1)
-        gu = full(blk.w_gate_up, 0)
-        out[p + "mlp.w_gate.weight"] = torch.cat([t.chunk(2)[0] for t in gu])
-        out[p + "mlp.w_up.weight"] = torch.cat([t.chunk(2)[1] for t in gu])
-        out[p + "mlp.w_down.weight"] = torch.cat(full(blk.w_down, 1), dim=1)
-        out[p + "attn_norm.weight"] = blk.attn_norm.detach().float().clone()
-        out[p + "mlp_norm.weight"] = blk.mlp_norm.detach().float().clone()
-    if stage.last:
-        out["norm.weight"] = stage.norm.detach().float().clone()
-        out["head.weight"] = torch.cat(full(stage.head, 0))
-    return out
+        With the KV cache (default) the prompt goes through once (prefill), then every new
+        token costs one position per layer (decode: `flash_attention` with seqlen_q = 1 <
+        seqlen_k, bottom-right causal). When the context reaches `seq_len` the cache is
+        rebuilt from the last `seq_len // 2` tokens (a sliding window). `use_cache=False` is
+        the teaching version: the whole window again for every token (O(S^2) per step).
+        """
+        window = self.cfg.seq_len
+        p = next(self.parameters())
+        result, ctx = [tokens], tokens[:, -window:]
+        cache = KVCache(self.cfg, tokens.shape[0], window, p.dtype, p.device) if use_cache \
+            else None
+        logits = self(ctx, cache=cache)[:, -1]  # prefill
+        for _ in range(max_new_tokens):
+            nxt = sample_next(logits, temperature, top_k, generator)
+            result.append(nxt)
+            ctx = torch.cat([ctx, nxt], dim=1)
+            if cache is None:
+                ctx = ctx[:, -window:]
+                logits = self(ctx)[:, -1]
+            elif cache.length == window:  # full: slide, re-prefill the last half
+                ctx = ctx[:, -(window // 2):]
+                cache = KVCache(self.cfg, tokens.shape[0], window, p.dtype, p.device)
+                logits = self(ctx, cache=cache)[:, -1]
+            else:
+                logits = self(nxt, cache=cache)[:, -1]
+        return torch.cat(result, dim=1)

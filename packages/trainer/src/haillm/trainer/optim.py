@@ -1,23 +1,17 @@
 """Optimisation: `haillm.zero` (fp32 main grads, ZeRO-1 AdamW, clipping, loss scaling) and the
 paper's learning-rate schedule.
 
-The trainer composes, it does not re-implement: `Optimizer` is a thin wrapper around
-`haillm.zero.ZeroDataParallel` + `Zero1AdamW` (DeepSeek section 2.4: "ZeRO-1 ... gradients
-accumulated in fp32") that adds only what a 3D layout needs around them:
+The trainer composes, it does not re-implement: `parallelize` wrapped the chunks in
+`haillm.zero.ZeroDataParallel` (fp32 main grads; ZeRO-1's reduce-scatter, or with ZeRO off
+`shard=False`'s all-reduce, both started from the last micro-batch's backward); `Optimizer` is
+a thin wrapper around `Zero1AdamW` (DeepSeek section 2.4: "ZeRO-1 ... gradients accumulated
+in fp32") that adds only what a 3D layout needs:
 
 * the global gradient norm over TP and PP as well (`model_parallel_groups`), with the norm
-  weights that every TP rank holds counted once (`count_in_norm`);
-* the sequence-parallel norm-weight gradients (partial sums over the TP group) all-reduced by
-  `haillm.parallel.register_sequence_parallel_grad_hooks`. These are tensor hooks: they run
-  *before* the gradient is accumulated into `.grad`, hence before ZeRO's post-accumulate hook
-  adds it into the fp32 main grad, so the main grad is already the full-sequence gradient;
+  weights that every TP rank holds counted once (`count_in_norm`, from the shard plan);
+* no weight decay on the norm weights (the shard plan's replicated parameters);
 * the switch the pipeline executor flips before the last micro-batch's backward
-  (`start_last_microbatch`), which starts ZeRO's bucketed reduce-scatter during that backward.
-
-**ZeRO off** (`parallel.zero = false`): the same two classes on a one-rank "DP group" (so
-nothing is sharded and every rank keeps full fp32 master weights and moments), and one
-all-reduce (mean) of the whole fp32 main-grad buffer over the real DP group before the step:
-plain data parallelism with the maths unchanged, and no overlap (it is the baseline).
+  (`start_last_microbatch`), which starts the bucketed reduction during that backward.
 """
 
 from __future__ import annotations
@@ -26,14 +20,12 @@ import math
 import time
 
 import torch
-import torch.distributed as dist
 
-from haillm.parallel import all_reduce, register_sequence_parallel_grad_hooks
 from haillm.trainer.config import TrainConfig
-from haillm.trainer.grid import Grid
-from haillm.zero import Zero1AdamW, ZeroDataParallel, weight_decay_groups
+from haillm.trainer.shard_plan import param_specs
+from haillm.zero import Zero1AdamW, weight_decay_groups
 
-__all__ = ["Optimizer", "lr_at", "make_optimizer"]
+__all__ = ["Optimizer", "lr_at"]
 
 
 def lr_at(step: int, cfg: TrainConfig) -> float:
@@ -55,59 +47,45 @@ def lr_at(step: int, cfg: TrainConfig) -> float:
     return peak * (0.316 if step < 0.9 * total else 0.1)
 
 
-def _own_rank_group(grid: Grid):
-    """A process group holding only this rank (collective: every rank creates all of them)."""
-    if not dist.is_initialized() or grid.world == 1:
-        return None
-    mine = None
-    for r in range(grid.world):
-        g = dist.new_group([r])
-        if r == grid.rank:
-            mine = g
-    return mine
-
-
 class Optimizer:
-    """ZeRO-1 AdamW (or plain DP) for one pipeline stage's parameters, on `haillm.zero`.
+    """ZeRO-1 AdamW (or plain DP) over this rank's chunks, on `haillm.zero`.
 
     Args:
-        model: the stage (its parameters become views of ZeRO's flat buffer).
-        cfg: the `train` config (lr, betas, eps, weight decay, clipping).
-        grid: the rank grid.
-        zero: shard the fp32 master weights and moments over DP (else replicate them).
-        overlap: launch each bucket's reduce-scatter from the backward hooks.
-        sequence_parallel: all-reduce the SP-marked norm-weight gradients over TP.
-        precision: ``bf16``, ``fp16`` (dynamic loss scaling in `Zero1AdamW`) or ``fp32``.
+        chunks: `parallelize`'s `ModelChunks` (its `data_parallel` wrapper holds the
+            parameters as views of fp32-main-grad buckets).
+        cfg: the `train` config (lr, betas, eps, weight decay, clipping, precision).
 
     Attributes:
-        zdp: the `ZeroDataParallel` wrapper; opt: the `Zero1AdamW`; comm_time: seconds spent
+        zdp: the `ZeroDataParallel`; opt: the `Zero1AdamW`; comm_time: seconds spent
             waiting for gradient communication since it was last reset.
     """
 
-    def __init__(self, model: torch.nn.Module, cfg: TrainConfig, grid: Grid, *, zero: bool = True,
-                 overlap: bool = True, bucket_mb: float = 4.0, sequence_parallel: bool = False,
-                 precision: str = "bf16"):
-        self.cfg, self.grid, self.zero = cfg, grid, zero
-        self.sp = sequence_parallel and grid.tp > 1
-        self._hooks = register_sequence_parallel_grad_hooks(model, grid.tp_group) if self.sp \
-            else []
-        dp_group = grid.dp_group if zero else _own_rank_group(grid)
-        self.zdp = ZeroDataParallel(model, dp_group=dp_group, bucket_mb=bucket_mb,
-                                    overlap=overlap)
-        self.replicated = {n for n, p in model.named_parameters()
-                           if getattr(p, "tp_replicated", False)}
-        rep = self.replicated
-        extra = [g for g, n in ((grid.tp_group, grid.tp), (grid.pp_group, grid.pp)) if n > 1]
+    def __init__(self, chunks, cfg: TrainConfig):
+        dims = chunks.dims
+        self.cfg, self.dims, self.zdp = cfg, dims, chunks.data_parallel
+        specs = param_specs(chunks.local.cfg)
+
+        def replicated(name: str) -> bool:  # norm weights: every TP rank holds them whole
+            return specs[name].shard.kind == "replicated"
+
         self.opt = Zero1AdamW(
             self.zdp, lr=cfg.lr, betas=(cfg.beta1, cfg.beta2), eps=cfg.eps,
-            weight_decay=cfg.weight_decay, precision=precision,
-            param_groups=weight_decay_groups(model, cfg.weight_decay,
-                                             no_decay=lambda n, p: n in rep),
+            weight_decay=cfg.weight_decay, precision=cfg.precision,
+            param_groups=weight_decay_groups(chunks.local, cfg.weight_decay,
+                                             no_decay=lambda n, p: replicated(n)),
             max_grad_norm=cfg.grad_clip if cfg.grad_clip > 0 else None,
-            model_parallel_groups=extra,
-            count_in_norm=lambda n, p: not (n in rep and grid.tp_rank != 0))
+            model_parallel_groups=[g for g, n in ((dims.tp_group, dims.tp),
+                                                  (dims.pp_group, dims.pp)) if n > 1],
+            count_in_norm=lambda n, p: dims.tp_rank == 0 or not replicated(n))
         self.zdp.set_grad_sync(False)
         self.comm_time = 0.0
+        self.description = ("haillm.zero.Zero1AdamW (" + ("fp32 master weights and moments "
+                            "sharded over DP" if self.zdp_sharded else "unsharded: full "
+                            "fp32 state on every DP rank") + ", fused AdamW, fp64 grad norm)")
+
+    @property
+    def zdp_sharded(self) -> bool:
+        return bool(getattr(self.zdp, "shard", True))
 
     @property
     def loss_scale(self) -> float:
@@ -119,16 +97,10 @@ class Optimizer:
         self.zdp.set_grad_sync(True)
 
     @torch.no_grad()
-    def step(self, lr: float, *, inv_scale: float = 1.0) -> tuple[float, bool]:  # noqa: ARG002
-        """Finish the gradient sync, then clip and update; returns (grad norm, skipped).
-
-        `inv_scale` is accepted for the callers' sake: `Zero1AdamW` unscales by its own scaler.
-        """
+    def step(self, lr: float) -> tuple[float, bool]:
+        """Finish the gradient sync, then clip and update; returns (grad norm, skipped)."""
         t0 = time.perf_counter()
         self.zdp.finish_grad_sync()
-        if not self.zero and self.grid.dp > 1:  # plain DP: mean of the full main grads
-            all_reduce(self.zdp.main_grad, self.grid.dp_group)
-            self.zdp.main_grad.mul_(1.0 / self.grid.dp)
         self.comm_time += time.perf_counter() - t0
         for g in self.opt.param_groups:
             g["lr"] = lr
@@ -142,19 +114,3 @@ class Optimizer:
         """Bytes of fp32 master weights and Adam moments held by this rank (12 per element;
         8 with fp32 parameters, which are their own master weights)."""
         return sum(4 * t.numel() for t in self.opt.state_tensors())
-
-
-ZeroPackageOptimizer = Optimizer  # the name before the trainer's own ZeRO-1 was removed
-
-
-def make_optimizer(model, cfg: TrainConfig, grid: Grid, *, zero: bool, overlap: bool,
-                   sequence_parallel: bool, precision: str | None = None):
-    """The stage's `Optimizer` and a one-line description of what runs.
-
-    Returns (optimizer, description).
-    """
-    opt = Optimizer(model, cfg, grid, zero=zero, overlap=overlap,
-                    sequence_parallel=sequence_parallel, precision=precision or cfg.precision)
-    what = ("haillm.zero ZeroDataParallel + Zero1AdamW (ZeRO-1 over DP" if zero else
-            "haillm.zero ZeroDataParallel + Zero1AdamW unsharded + DP all-reduce (ZeRO off")
-    return opt, what + ", fp32 main grads and master weights)"

@@ -1,11 +1,15 @@
-"""Run one optimizer step's micro-batches on this pipeline stage: `haillm.pipeline`'s executor.
+"""One optimizer step's micro-batches, and the evaluation, through `haillm.pipeline`'s executor.
 
 The schedule (1F1B, GPipe, or interleaved 1F1B with several model chunks per stage), the P2P
 exchange of the residual stream (B, S_local, d) and of its gradient, and gradient accumulation
-(each micro-batch's loss divided by their number) are `haillm.pipeline.PipelineExecutor`'s.
-The trainer hands it the stage's chunk(s), the loss (vocab-parallel under TP, times the fp16
-loss scale) and the hook that starts ZeRO's reduce-scatter before the step's last backward.
-With one stage the same executor simply runs the micro-batches in turn.
+(each micro-batch's loss divided by their number) are `haillm.pipeline.PipelineExecutor`'s;
+evaluation runs its forward-only schedule over the same P2P. The trainer hands it the chunks,
+the loss (the last chunk's: vocab-parallel under TP, times the fp16 loss scale) and the hook
+that starts ZeRO's gradient reduction before the step's last backward. With one stage the
+same executor simply runs the micro-batches in turn.
+
+Timing costs no collective: the executor records each action's start and end on this rank's
+clock; forward/backward time is compute, the rest of the step is P2P and pipeline bubble.
 """
 
 from __future__ import annotations
@@ -17,7 +21,6 @@ from dataclasses import dataclass
 import torch
 
 from haillm.pipeline import PipelineExecutor
-from haillm.trainer.grid import Grid
 
 __all__ = ["PipelineStep", "StepTimes"]
 
@@ -31,45 +34,50 @@ class StepTimes:
 
 
 class PipelineStep:
-    """One optimizer step's micro-batches through `haillm.pipeline.PipelineExecutor`.
+    """One optimizer step's micro-batches (`__call__`) or a forward-only pass (`evaluate`).
 
-    The executor owns the schedule (1F1B, GPipe or interleaved with several model chunks per
-    stage), the P2P exchange and the 1/m loss scaling; the trainer gives it the stage's
-    chunk(s), the loss (vocab-parallel under TP) and the hook that starts the ZeRO
-    reduce-scatter before the last micro-batch's backward. With several chunks per stage the
-    hook fires once per chunk, while other chunks still have backwards to run, so the
-    reduction then starts after the run instead (no overlap).
+    Args:
+        chunks: `parallelize`'s chunks of this rank (virtual stage c*pp + s is chunk c).
+        schedule: ``1f1b``, ``gpipe`` or ``interleaved``.
+        act_shape: the stream crossing a stage boundary for one micro-batch, (mb, S_local, d).
+        on_last_backward: called before the step's last backward (starts ZeRO's reduction).
+            With several chunks per stage the executor's hook would fire once per chunk,
+            while other chunks still have backwards to run, so the reduction then starts after
+            the run instead (no overlap).
     """
 
-    def __init__(self, chunks: list, grid: Grid, *, schedule: str, act_shape, dtype, device,
+    def __init__(self, chunks: list, *, schedule: str, act_shape, dtype, device,
                  on_last_backward: Callable[[], None] | None):
-        self.chunks, self.grid = chunks, grid
+        self.chunks, self.dims = chunks, chunks.dims
         self.scale = 1.0
         last = chunks[-1]
-        self.hook = on_last_backward if len(chunks) == 1 else None
+        hook = on_last_backward if len(chunks) == 1 else None
+        self.after_run = on_last_backward if len(chunks) > 1 else None
 
         def loss_fn(logits, targets):
             return last.loss(logits, targets) * self.scale
 
         self.ex = PipelineExecutor(
-            chunks[0] if len(chunks) == 1 else chunks, group=grid.pp_group, loss_fn=loss_fn,
-            tensor_shapes=tuple(act_shape), dtype=dtype, device=device, schedule=schedule,
-            on_last_backward=(lambda c: self.hook()) if self.hook else None,
-            record=grid.pp > 1)  # per-action times: the rest of the run is P2P and waiting
-        self.after_run = on_last_backward if len(chunks) > 1 else None
+            chunks[0] if len(chunks) == 1 else list(chunks), group=self.dims.pp_group,
+            loss_fn=loss_fn, tensor_shapes=tuple(act_shape), dtype=dtype, device=device,
+            schedule=schedule, on_last_backward=(lambda c: hook()) if hook else None,
+            record=self.dims.pp > 1)
 
-    def __call__(self, inputs, targets, *, loss_scale=1.0, times: StepTimes | None = None):
+    def __call__(self, inputs, targets, *, loss_scale: float = 1.0,
+                 times: StepTimes | None = None) -> torch.Tensor:
+        """Forward and backward of the micro-batches `inputs`/`targets` (lists of (mb, S));
+        returns this rank's mean loss (a 0-dim fp32 tensor, 0 off the last stage)."""
         self.scale = loss_scale
         t0 = time.perf_counter()
-        first = self.grid.is_first_stage
-        last = self.grid.is_last_stage
-        losses = self.ex.run(inputs if first else None, targets if last else None,
+        dims = self.dims
+        losses = self.ex.run(inputs if dims.is_first_stage else None,
+                             targets if dims.is_last_stage else None,
                              num_microbatches=len(inputs))
         if self.after_run is not None:
             self.after_run()
         if times is not None:
             elapsed = time.perf_counter() - t0
-            busy = sum(r.end - r.start for r in getattr(self.ex, "records", []) or [])
+            busy = sum(r.end - r.start for r in self.ex.records or [])
             if busy:  # recorded: forward/backward time is compute, the rest P2P and bubble
                 times.compute += busy
                 times.p2p += max(elapsed - busy, 0.0)
@@ -80,5 +88,13 @@ class PipelineStep:
             total += loss.float() / (len(inputs) * loss_scale)
         return total
 
-
-PackageStep = PipelineStep  # the name before the trainer's own executor was removed
+    @torch.no_grad()
+    def evaluate(self, inputs, targets) -> list[float]:
+        """Forward only (the executor's forward-only schedule): the per-micro-batch losses on
+        the last stage, [] elsewhere."""
+        self.scale = 1.0
+        dims = self.dims
+        losses = self.ex.run_forward(inputs if dims.is_first_stage else None,
+                                     targets if dims.is_last_stage else None,
+                                     num_microbatches=len(inputs))
+        return [float(v) for v in losses]

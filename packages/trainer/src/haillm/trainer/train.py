@@ -1,9 +1,10 @@
 """The training loop of one rank: everything composed.
 
-    grid (dp x tp x pp) -> data (sampler sharded over DP) -> model stage (TP/SP shards of the
-    seeded reference model) -> per step: pipeline schedule over M micro-batches with fp32 grad
-    accumulation -> ZeRO-1 reduce-scatter started in the last backward -> clipped AdamW on the
-    shard -> all-gather -> metrics. At the end: validation, a generated sample, the weights.
+    ParallelDims (dp x tp x pp) -> data (sampler sharded over DP) -> `parallelize(DeepSeekLM)`
+    (this rank's chunks: fused ops, TP/SP, pipeline split, its slices of the seeded weights,
+    ZeRO-1) -> per step: pipeline schedule over M micro-batches with fp32 grad accumulation ->
+    ZeRO-1 reduce-scatter started in the last backward -> clipped AdamW on the shard ->
+    all-gather -> metrics. At the end: validation, a generated sample, the fp32 weights.
 
 `train(cfg)` runs in every rank (after `torch.distributed` is initialised, or in a single
 process); `haillm.trainer.launch` starts the ranks.
@@ -22,30 +23,27 @@ from pathlib import Path
 import torch
 import torch.distributed as dist
 
-from haillm.trainer.checkpoint import Checkpointer
+from haillm.parallel import ParallelDims
+from haillm.trainer.checkpoint import Checkpointer, logical_tensors
 from haillm.trainer.config import Config, ConfigError, dump_toml
 from haillm.trainer.data import Sampler, build_dataset_on_nodes
-from haillm.trainer.grid import Grid
 from haillm.trainer.metrics import (
     MetricsLogger,
     device_peak_flops,
     end_progress_line,
     flops_per_token,
 )
-from haillm.trainer.model import StageModel, gather_full_state, split_layers
-from haillm.trainer.ops import Ops
-from haillm.trainer.optim import lr_at, make_optimizer
+from haillm.trainer.model import DeepSeekLM
+from haillm.trainer.optim import Optimizer, lr_at
+from haillm.trainer.parallelize import DTYPES, parallelize
 from haillm.trainer.pipeline_exec import PipelineStep, StepTimes
-from haillm.trainer.reference import DeepSeekLM
 
 __all__ = ["DTYPES", "GracefulStop", "check_device", "evaluate", "train"]
 
-DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}
 
-
-def _world_sums(xs: list[float], grid: Grid) -> list[float]:
+def _world_sums(xs: list[float], dims: ParallelDims) -> list[float]:
     """Element-wise sums over all ranks (one all-reduce)."""
-    if grid.world == 1:
+    if dims.world_size == 1:
         return list(xs)
     # NCCL reduces only CUDA tensors; gloo takes CPU ones
     dev = torch.device("cuda", torch.cuda.current_device()) if (
@@ -55,8 +53,8 @@ def _world_sums(xs: list[float], grid: Grid) -> list[float]:
     return t.tolist()
 
 
-def _world_sum(x: float, grid: Grid) -> float:
-    return _world_sums([x], grid)[0]
+def _world_sum(x: float, dims: ParallelDims) -> float:
+    return _world_sums([x], dims)[0]
 
 
 class GracefulStop:
@@ -110,58 +108,34 @@ class GracefulStop:
 
 
 @torch.no_grad()
-def evaluate(chunks: list[StageModel], ds, grid: Grid, cfg: Config, *, act_shape,
-             dtype) -> float:
-    """Mean loss over `eval_batches` global batches of held-out windows (forward only).
-
-    Walks the virtual stages in order (chunk c of stage s is virtual stage c*pp + s), so it
-    also evaluates an interleaved model.
-    """
+def evaluate(step: PipelineStep, ds, dims: ParallelDims, cfg: Config, device) -> float:
+    """Mean loss over `eval_batches` global batches of held-out windows: the pipeline's
+    forward-only schedule over this DP rank's share (every virtual stage, interleaved too)."""
     mbs = cfg.micro_batch_size
     idx = ds.val_indices(cfg.train.eval_batches * cfg.train.global_batch)
-    per_rank = len(idx) // grid.dp
-    mine = idx[grid.dp_rank * per_rank:(grid.dp_rank + 1) * per_rank]
-    total, n, sends = 0.0, 0, []
-    for j in range(0, len(mine), mbs):
-        x, y = ds.val_batch(mine[j:j + mbs])
-        dev = next(chunks[0].parameters()).device
-        x, y = x.to(dev), y.to(dev)
-        for chunk in chunks:
-            h = x if chunk.first else _recv(act_shape, dtype, dev, grid.stage_peer(-1)
-                                            if not grid.is_first_stage else
-                                            grid.stage_peer(grid.pp - 1))
-            out = chunk(h, y if chunk.last else None)
-            if chunk.last:
-                total += out.float().item()
-                n += 1
-            else:
-                dst = grid.stage_peer(+1) if not grid.is_last_stage else grid.stage_peer(1 - grid.pp)
-                out = out.contiguous()
-                sends.append((dist.isend(out, dst=dst), out))
-    for w, _ in sends:
-        w.wait()
-    mine_loss = total / max(n, 1) if (grid.is_last_stage and grid.tp_rank == 0) else 0.0
-    return _world_sum(mine_loss, grid) / grid.dp
+    per_rank = len(idx) // dims.dp
+    mine = idx[dims.dp_rank * per_rank:(dims.dp_rank + 1) * per_rank]
+    batches = [ds.val_batch(mine[j:j + mbs]) for j in range(0, len(mine), mbs)]
+    losses = step.evaluate([x.to(device) for x, _ in batches], [y.to(device) for _, y in batches])
+    mine_loss = sum(losses) / max(len(losses), 1) if (
+        dims.is_last_stage and dims.tp_rank == 0) else 0.0
+    return _world_sum(mine_loss, dims) / dims.dp
 
 
-def _recv(shape, dtype, device, src):
-    buf = torch.empty(shape, dtype=dtype, device=device)
-    dist.recv(buf, src=src)
-    return buf
-
-
-def _gather_model(chunks: list[StageModel], grid: Grid, cfg: Config) -> DeepSeekLM | None:
-    """The full fp32 reference model on global rank 0 (None elsewhere). Collective."""
-    part = {k: v for c in chunks for k, v in gather_full_state(c).items()}
-    if grid.world > 1:
-        keep = part if (grid.dp_rank == 0 and grid.tp_rank == 0) else None
-        parts = [None] * grid.world if grid.rank == 0 else None
+@torch.no_grad()
+def _gather_model(chunks, opt: Optimizer, dims: ParallelDims, cfg: Config) -> DeepSeekLM | None:
+    """The full model of fp32 master weights on global rank 0 (None elsewhere). Collective."""
+    master = opt.opt.full_state_dict()["master"]  # this rank's parameters, over DP
+    part = logical_tensors(chunks, master)  # full over TP (the shard plan's gather)
+    if dims.world_size > 1:
+        keep = part if (dims.dp_rank == 0 and dims.tp_rank == 0) else None
+        parts = [None] * dims.world_size if dims.rank == 0 else None
         dist.gather_object(keep, parts, dst=0)
-        if grid.rank != 0:
+        if dims.rank != 0:
             return None
         part = {k: v for p in parts if p for k, v in p.items()}
     model = DeepSeekLM(cfg.model, lazy=True)  # meta parameters: nothing drawn, then replaced
-    model.load_state_dict(part, assign=True)
+    model.load_state_dict({k: v.float().cpu() for k, v in part.items()}, assign=True)
     return model.eval()
 
 
@@ -194,9 +168,9 @@ def train(cfg: Config, *, stream=None, overwrite: bool = False) -> dict:
     cfg.validate(world)
     p, t, m = cfg.parallel, cfg.train, cfg.model
     check_device(cfg, int(os.environ.get("LOCAL_WORLD_SIZE", 1)) if world > 1 else 1)
-    grid = Grid.create(p.dp, p.tp, p.pp)
+    dims = ParallelDims(dp=p.dp, tp=p.tp, pp=p.pp).build()
     out = Path(cfg.run.out)
-    is_rank0 = grid.rank == 0
+    is_rank0 = dims.rank == 0
     t_start = time.perf_counter()
     problem = [None]
     if is_rank0:
@@ -204,7 +178,7 @@ def train(cfg: Config, *, stream=None, overwrite: bool = False) -> dict:
             prepare_run_folder(cfg, log=_say(stream), overwrite=overwrite)
         except (ConfigError, OSError) as e:
             problem = [str(e)]
-    if grid.world > 1:
+    if dims.world_size > 1:
         dist.broadcast_object_list(problem, src=0)
     if problem[0] is not None:
         raise ConfigError(problem[0])
@@ -219,55 +193,39 @@ def train(cfg: Config, *, stream=None, overwrite: bool = False) -> dict:
     # the node's other ranks read it: no shared filesystem needed
     ds, tok = build_dataset_on_nodes(cfg.data, m.vocab_size, m.seq_len, out)
 
-    # ---- model: every rank builds the same seeded reference, lazily (meta parameters): its
-    # stage materialises one layer at a time and keeps only its shards
+    # ---- model: every rank builds the same seeded DeepSeekLM on the meta device (structure,
+    # no memory); parallelize keeps this rank's chunks and draws only the slices it owns
     dtype = DTYPES[t.precision]
-    ops = Ops(p, warn=is_rank0)
-    ref = DeepSeekLM(m, seed=t.seed, lazy=True)
-    v = p.chunks if p.pipeline_schedule == "interleaved" else 1
-    # virtual stage c*pp + s is chunk c of stage s (Megatron's interleaving)
-    split = split_layers(m.n_layers, p.pp * v)
-    chunks = [StageModel(ref, split[c * p.pp + grid.pp_rank], grid, ops,
-                         first=(c == 0 and grid.is_first_stage),
-                         last=(c == v - 1 and grid.is_last_stage),
-                         sequence_parallel=p.sequence_parallel, dtype=dtype, device=device)
-              for c in range(v)]
-    stage = chunks[0] if v == 1 else torch.nn.ModuleList(chunks)
-    del ref
-    opt, opt_src = make_optimizer(stage, t, grid, zero=p.zero, overlap=p.overlap_grad_reduce,
-                                  sequence_parallel=p.sequence_parallel)
-    # fp16 loss scaling is Zero1AdamW's own DynamicLossScaler (opt.loss_scale); the trainer's
-    # LossScaler is gone. `scaler` stays defined for feat/ckpt's Checkpointer(..., scaler).
-    scaler = None  # noqa: F841
+    chunks = parallelize(DeepSeekLM(m, seed=t.seed, lazy=True), dims, cfg)
+    opt = Optimizer(chunks, t)
     mbs = cfg.micro_batch_size
     s_local = m.seq_len // p.tp if (p.sequence_parallel and p.tp > 1) else m.seq_len
     act_shape = (mbs, s_local, m.hidden_size)  # the residual stream between stages
-    pkg_step = PipelineStep(chunks, grid, schedule=p.pipeline_schedule, act_shape=act_shape,
+    v = len(chunks)
+    pkg_step = PipelineStep(chunks, schedule=p.pipeline_schedule, act_shape=act_shape,
                             dtype=dtype, device=device,
                             on_last_backward=opt.start_last_microbatch)
     sched_src = (f"haillm.pipeline.PipelineExecutor ({p.pipeline_schedule}"
                  f"{f', {v} chunks per stage' if v > 1 else ''})")
     sampler = Sampler(ds.n_train, t.global_batch, t.seed)
-    ckpt = Checkpointer(cfg, grid, chunks, stage, opt, sampler, scaler, stream=stream,
-                        keep=cfg.run.keep_checkpoints)
+    ckpt = Checkpointer(cfg, chunks, opt, sampler, stream=stream, keep=cfg.run.keep_checkpoints)
     start = ckpt.resume() if cfg.run.resume else 0  # reshards if the layout changed
 
     tokens_per_step = t.global_batch * m.seq_len
     flops_step = flops_per_token(m) * tokens_per_step
-    peak, peak_src = device_peak_flops(device.type, t.precision, grid.world)
+    peak, peak_src = device_peak_flops(device.type, t.precision, dims.world_size)
     log = MetricsLogger(out, t.steps, enabled=is_rank0, tensorboard=cfg.run.tensorboard,
                         log_every=cfg.run.log_every, stream=stream)
     if is_rank0:
         say = (lambda s: print(s, file=stream, flush=True))
         say(f"haillm-train: {m.n_params() / 1e6:.2f}M params | layout dp={p.dp} tp={p.tp} "
-            f"pp={p.pp} (world {grid.world}) | {p.microbatches} micro-batches of {mbs} x "
+            f"pp={p.pp} (world {dims.world_size}) | {p.microbatches} micro-batches of {mbs} x "
             f"{m.seq_len} tokens | {t.precision} | {ds.n_train} train / {ds.n_val} val windows")
-        wiring = {"rank grid": grid.source, **ops.wiring, "pipeline schedule": sched_src,
-                  "sequence parallel": "on" if (p.sequence_parallel and p.tp > 1) else "off",
-                  "optimizer": opt_src,
+        wiring = {"rank grid": "haillm.parallel.ParallelDims", **chunks.wiring,
+                  "pipeline schedule": sched_src, "optimizer": opt.description,
                   "MFU peak": peak_src}
-        for k, v in wiring.items():
-            say(f"  {k:>28}: {v}")
+        for k, val in wiring.items():
+            say(f"  {k:>28}: {val}")
 
     losses: list[float] = []
     val_losses: list[tuple[int, float]] = []
@@ -280,18 +238,17 @@ def train(cfg: Config, *, stream=None, overwrite: bool = False) -> dict:
             opt.comm_time = 0.0
             times = StepTimes()
             idx = sampler.next_global()
-            micro = Sampler.shard(idx, p.dp, grid.dp_rank, p.microbatches)
+            micro = Sampler.shard(idx, p.dp, dims.dp_rank, p.microbatches)
             batches = [ds.batch(mb) for mb in micro]
             xs = [b[0].to(device) for b in batches]
             ys = [b[1].to(device) for b in batches]
             lr = lr_at(step, t)
-            scale = opt.loss_scale
-            loss_sum = pkg_step(xs, ys, loss_scale=scale, times=times)
-            gnorm, found_inf = opt.step(lr, inv_scale=1.0 / scale)
-            mine = loss_sum.item() if (grid.is_last_stage and grid.tp_rank == 0) else 0.0
+            loss_sum = pkg_step(xs, ys, loss_scale=opt.loss_scale, times=times)
+            gnorm, found_inf = opt.step(lr)
+            mine = loss_sum.item() if (dims.is_last_stage and dims.tp_rank == 0) else 0.0
             # the stop requests ride along with the loss: every rank stops after the same step
             n_int, n_term = float(stop.signum == signal.SIGINT), float(stop.signum == signal.SIGTERM)
-            loss, n_int, n_term = _world_sums([mine, n_int, n_term], grid)
+            loss, n_int, n_term = _world_sums([mine, n_int, n_term], dims)
             loss /= p.dp
             stops = n_int + n_term
             if not math.isfinite(loss) and t.precision != "fp16":
@@ -308,9 +265,9 @@ def train(cfg: Config, *, stream=None, overwrite: bool = False) -> dict:
             if t.precision == "fp16":
                 rec["loss_scale"] = opt.loss_scale
             if t.eval_every and ((step + 1) % t.eval_every == 0 or step + 1 == t.steps):
-                v = evaluate(chunks, ds, grid, cfg, act_shape=act_shape, dtype=dtype)
-                rec["val_loss"] = v
-                val_losses.append((step + 1, v))
+                val = evaluate(pkg_step, ds, dims, cfg, device)
+                rec["val_loss"] = val
+                val_losses.append((step + 1, val))
             losses.append(loss)
             log.log(rec)
             if found_inf and is_rank0:
@@ -335,13 +292,13 @@ def train(cfg: Config, *, stream=None, overwrite: bool = False) -> dict:
             _say(stream)(f"haillm-train: stopped at step {done} ({stop.name}); saved {saved}; "
                          f"continue with --resume")
         return summary
-    return _finish(summary, chunks, grid, cfg, out, tok, stream, t_start)
+    return _finish(summary, chunks, opt, dims, cfg, out, tok, stream, t_start)
 
 
-def _finish(summary, chunks, grid, cfg, out, tok, stream, t_start) -> dict:
+def _finish(summary, chunks, opt, dims, cfg, out, tok, stream, t_start) -> dict:
     """End of the run: the unsharded weights, a sample, one summary line (rank 0)."""
-    t, is_rank0 = cfg.train, grid.rank == 0
-    model = _gather_model(chunks, grid, cfg)  # collective: every rank takes part
+    t, is_rank0 = cfg.train, dims.rank == 0
+    model = _gather_model(chunks, opt, dims, cfg)  # collective: every rank takes part
     if is_rank0 and model is not None:
         try:
             from safetensors.torch import save_file
