@@ -126,7 +126,8 @@ def _forward_cases(cases, p=None, s=None):
         if tl is not None:
             if len(tl.ops) != p * m * v or tl.peak_inflight != [1] * p:
                 problems.append(f"{what}: timeline {len(tl.ops)} ops, {tl.peak_inflight}")
-            slack = tl.meta["clock_error_s"] + 1e-6
+            # each rank is off by at most its bound (stage 0 by none): two ranks by twice it
+            slack = 2 * tl.meta["clock_error_s"] + 1e-6
             for o in tl.ops:  # aligned clocks: a forward starts after the one feeding it ends
                 q = o.action.chunk * p + o.stage
                 if q > 0:
@@ -244,7 +245,7 @@ def test_record_issues_no_collective_and_gather_timeline_aligns_clocks():
             _timing_case, 2, timeout=120, start_method="fork"):
         assert calls == [], "record=True must not cost a collective per run"
         assert all(b > 0 for b in busy), busy  # the compute time is there, every run
-        assert 0.15 < gap < 1.0, gap
+        assert 0.1 < gap < 2.0, gap  # (margins for a loaded machine; unaligned: gap ~ 0)
         # forked ranks on one host share CLOCK_MONOTONIC: the true offset is 0, and the
         # estimate must be within its own error bound of it
         assert abs(offset) <= error + 1e-6 and error < 0.05, (offset, error)
