@@ -10,6 +10,7 @@ from haillm.pipeline import (
     Action,
     check_message_order,
     schedule_1f1b,
+    schedule_forward_only,
     schedule_gpipe,
     schedule_interleaved_1f1b,
     simulate,
@@ -202,3 +203,58 @@ def test_comm_time_adds_one_latency_per_hop(p, c):
     many = simulate(_all("1f1b", p, 8), comm_time=c)
     free = simulate(_all("1f1b", p, 8))
     assert free.makespan <= many.makespan <= free.makespan + 2 * 8 * (p - 1) * c + 1e-9
+
+
+# --------------------------------------------------------------------------- forward-only
+
+
+@given(st.integers(1, 6), st.integers(1, 16), st.integers(1, 4), COST)
+def test_forward_only_is_the_training_forwards(p, m, v, cost):
+    """The training schedule without its backwards; valid, order-matched, lockstep-safe,
+    and simulated without waiting for any backward."""
+    scheds = [schedule_forward_only(p, m, s, v) for s in range(p)]
+    for s in range(p):
+        assert scheds[s] == [a for a in schedule_interleaved_1f1b(p, m, s, v) if a.kind == "F"]
+    assert validate_schedules(scheds) == (p, m, v)
+    check_message_order(scheds, p, v)
+    assert batches_complete_in_lockstep(scheds, p, v)
+    tl = simulate(scheds, forward_time=cost[0], backward_time=cost[1])
+    assert len(tl.ops) == p * m * v and all(o.action.kind == "F" for o in tl.ops)
+    assert tl.peak_inflight == [1] * p  # nothing is kept for a backward
+    for o in tl.ops:  # every forward after the one that feeds it
+        q = o.action.chunk * p + o.stage
+        if q > 0:
+            prev = tl.find((q - 1) % p, "F", o.action.microbatch, (q - 1) // p)
+            assert prev.end <= o.start + 1e-9
+    if m % p == 0:  # no empty slot: the fill and the drain, p - 1 chunk slots, are the bubble
+        assert tl.makespan == pytest.approx((v * m + p - 1) * cost[0] / v)
+        assert tl.bubble_fraction == pytest.approx((p - 1) / (v * m + p - 1), abs=1e-12)
+
+
+def test_forward_only_by_hand():
+    assert [str(a) for a in schedule_forward_only(3, 4, 2)] == ["F0", "F1", "F2", "F3"]
+    # p=2, m=4, v=2: chunk-major groups of p micro-batches
+    assert [str(a) for a in schedule_forward_only(2, 4, 1, 2)] == [
+        "F0", "F1", "F0.1", "F1.1", "F2", "F3", "F2.1", "F3.1"]
+    # m=3 not a multiple of p=2: the first group is short (one micro-batch)
+    assert [str(a) for a in schedule_forward_only(2, 3, 0, 2)] == [
+        "F0", "F0.1", "F1", "F2", "F1.1", "F2.1"]
+    # one stage, 3 chunks: each micro-batch goes through all chunks in turn
+    assert [str(a) for a in schedule_forward_only(1, 2, 0, 3)] == [
+        "F0", "F0.1", "F0.2", "F1", "F1.1", "F1.2"]
+
+
+def test_forward_only_validation_errors():
+    with pytest.raises(ValueError, match=r"num_chunks \(0\)"):
+        schedule_forward_only(2, 2, 0, 0)
+    with pytest.raises(ValueError, match=r"stage \(2\) must be in"):
+        schedule_forward_only(2, 2, 2)
+    # a forward-only pipeline must still run every forward once on every stage
+    with pytest.raises(ValueError, match="stage 0: no forward for micro-batch 1 chunk 0"):
+        validate_schedules([[Action("F", 0)], [Action("F", 0), Action("F", 1)]])
+    with pytest.raises(ValueError, match="appears twice"):
+        validate_schedules([[Action("F", 0), Action("F", 0)]])
+    # one backward anywhere makes it a training pipeline: the missing backwards are errors
+    with pytest.raises(ValueError, match="stage 0: no backward"):
+        validate_schedules([[Action("F", 0), Action("F", 1)], [Action("F", 0), Action("F", 1),
+                                                             Action("B", 0), Action("B", 1)]])

@@ -1,9 +1,11 @@
 """haillm.pipeline: pipeline parallelism with GPipe, 1F1B and interleaved 1F1B schedules.
 
-* `schedules`: the schedules as data (lists of `Action` per stage).
+* `schedules`: the schedules as data (lists of `Action` per stage), and the forward-only one
+  for evaluation (`schedule_forward_only`).
 * `simulate`: an event simulation of those lists -> `Timeline` (bubble, in-flight activations).
 * `draw`: SVG and text pictures of a `Timeline` (simulated or measured).
-* `executor`: `PipelineExecutor`, which runs one stage's list for real over torch.distributed.
+* `executor`: `PipelineExecutor`, which runs one stage's list for real over torch.distributed
+  (`run`: a training step; `run_forward`: evaluation, forward only).
 """
 
 from .draw import draw_timeline, format_timeline
@@ -12,6 +14,7 @@ from .p2p import TensorSpec, batches_complete_in_lockstep, check_message_order, 
 from .schedules import (
     Action,
     schedule_1f1b,
+    schedule_forward_only,
     schedule_gpipe,
     schedule_interleaved_1f1b,
     validate_schedules,
@@ -30,6 +33,7 @@ __all__ = [
     "format_timeline",
     "group_steps",
     "schedule_1f1b",
+    "schedule_forward_only",
     "schedule_gpipe",
     "schedule_interleaved_1f1b",
     "simulate",

@@ -6,6 +6,7 @@ Each rank of the pipeline group builds an executor around *its* model chunk(s) a
     ex = PipelineExecutor(stage_module, group=pp_group, loss_fn=F.cross_entropy,
                           tensor_shapes=(micro_batch, seqlen, hidden), schedule="1f1b")
     losses = ex.run(inputs=mbs_or_None, targets=targets_or_None)   # then optimizer.step()
+    val_losses = ex.run_forward(inputs=mbs_or_None, targets=targets_or_None)  # evaluation
 
 How it stays deadlock-free and correct (the teaching points):
 
@@ -38,9 +39,17 @@ How it stays deadlock-free and correct (the teaching points):
   reference and nothing is freed, but the result stays correct. The storage can only go once
   the send has completed: right after the batch in lockstep mode, at the end of `run` in
   deferred mode (gloo marks a send complete only when it is waited for).
+* **Forward-only** (`run_forward`, evaluation): `schedule_forward_only` over the same batched
+  P2P, under ``torch.no_grad()``: no graph, so nothing is kept once an output is sent, no
+  gradient message, no backward hook or context.
+* **Timing costs no collective.** With ``record=True`` each rank times its actions against
+  its own clock, from its own start of `run`: the compute time (the sum of the durations) is
+  known locally, every step, for free. Only a *picture* needs the ranks' clocks aligned, so
+  `gather_timeline` (a collective anyway) estimates each rank's clock offset once, by a
+  ping-pong with stage 0 (Cristian's algorithm), instead of every run paying a barrier.
 
-The real one (Megatron-core) adds: variable sequence lengths, overlapping P2P with compute
-through separate streams, and forward-only (inference) schedules.
+The real one (Megatron-core) adds: variable sequence lengths and overlapping P2P with compute
+through separate streams.
 """
 
 from __future__ import annotations
@@ -64,7 +73,7 @@ from .p2p import (
     spec_leaves,
     unflatten,
 )
-from .schedules import Action, schedule_gpipe, schedule_interleaved_1f1b
+from .schedules import Action, schedule_forward_only, schedule_gpipe, schedule_interleaved_1f1b
 from .simulate import OpRecord, Timeline
 
 __all__ = ["PipelineExecutor", "TensorSpec"]
@@ -84,6 +93,17 @@ def _run_backward(tensors: Sequence[torch.Tensor], grads: Sequence[torch.Tensor 
     )
 
 
+def _detach(x: Any) -> Any:
+    """``x`` (a tensor or a tuple/list/dict of them) with every tensor detached."""
+    if isinstance(x, torch.Tensor):
+        return x.detach()
+    if isinstance(x, dict):
+        return {k: _detach(t) for k, t in x.items()}
+    if isinstance(x, (tuple, list)):
+        return type(x)(_detach(t) for t in x)
+    return x
+
+
 def _release_storage(t: torch.Tensor) -> None:
     """Megatron's pseudo-free: keep the tensor (and its ``grad_fn``), drop its data."""
     t.data = torch.empty((1,), device=t.device, dtype=t.dtype)
@@ -101,7 +121,8 @@ class PipelineExecutor:
             output handed to ``loss_fn``).
         group: the pipeline-parallel process group, its ranks in stage order (``None``: the
             default group). This rank's stage is its rank in ``group``.
-        loss_fn: ``loss_fn(output, target) -> scalar``, called on the last stage only.
+        loss_fn: ``loss_fn(output, target) -> scalar``, called on the last stage only (by
+            `run_forward` only when it is given targets).
         tensor_shapes: shape of the activation crossing every stage boundary for one
             micro-batch: ``(mb, seq, hidden)``, a `TensorSpec`, or a tuple/list/dict of
             those for structured activations. Floating-point leaves get gradients sent back;
@@ -117,13 +138,16 @@ class PipelineExecutor:
             backward can start gradient reduction (the ZeRO reduce-scatter starts here).
         backward_context: ``backward_context(chunk, is_last) -> context manager`` wrapped
             around every backward (e.g. DDP's ``no_sync()`` for all but the last).
-        record: record the start/end of every action (see `gather_timeline`).
+        record: record the start/end of every action (``records``, `gather_timeline`). Costs
+            two clock reads per action and no communication.
         free_outputs: release sent outputs' storage (Megatron's pseudo-free); on by default.
 
     Attributes:
         stage, num_stages, num_chunks: this rank's position in the pipeline.
-        records: this rank's `OpRecord`s of the last `run` (when ``record=True``), in seconds
-            since a barrier at the start of `run`.
+        records: this rank's `OpRecord`s of the last `run` / `run_forward` (when
+            ``record=True``), in seconds since *this rank's own* start of that call (no
+            barrier: the ranks' zeros differ; `gather_timeline` aligns them). The sum of
+            their durations is this rank's compute time.
         peak_inflight: peak number of (micro-batch, chunk) activations alive in the last run.
         released_outputs: how many sent outputs had their storage released in the last run.
     """
@@ -229,6 +253,9 @@ class PipelineExecutor:
                 return list(sched(p, m, st, v) if v > 1 else sched(p, m, st))
         else:
             mine = list(sched)
+            if not any(a.kind == "B" for a in mine):
+                raise ValueError("the explicit schedule has no backward; for a forward-only "
+                                 "pass call run_forward")
             # The other stages' lists are unknown here: never wait on sends (deferred mode).
             self._lockstep, self._pair = False, False
             got_m = 1 + max(a.microbatch for a in mine)
@@ -247,6 +274,19 @@ class PipelineExecutor:
         return everyone[s]
 
     # ------------------------------------------------------------------ running
+    def _num_microbatches(self, inputs, targets, num_microbatches) -> int:
+        m = num_microbatches
+        for given in (inputs, targets):
+            if given is not None:
+                if m is not None and len(given) != m:
+                    raise ValueError(f"got {len(given)} micro-batches but num_microbatches={m}")
+                m = len(given)
+        if m is None:
+            raise ValueError("pass inputs, targets or num_microbatches so this stage knows m")
+        if self.is_first_virtual(0) and inputs is None:
+            raise ValueError("inputs are required on the first pipeline stage")
+        return m
+
     def run(
         self,
         inputs: Sequence[Any] | None = None,
@@ -268,16 +308,7 @@ class PipelineExecutor:
             the ``m`` per-micro-batch losses (detached, unscaled) on the last stage; ``[]``
             elsewhere.
         """
-        m = num_microbatches
-        for given in (inputs, targets):
-            if given is not None:
-                if m is not None and len(given) != m:
-                    raise ValueError(f"got {len(given)} micro-batches but num_microbatches={m}")
-                m = len(given)
-        if m is None:
-            raise ValueError("pass inputs, targets or num_microbatches so this stage knows m")
-        if self.is_first_virtual(0) and inputs is None:
-            raise ValueError("inputs are required on the first pipeline stage")
+        m = self._num_microbatches(inputs, targets, num_microbatches)
         if self.is_last_virtual(self.num_chunks - 1) and targets is None:
             raise ValueError("targets are required on the last pipeline stage")
         actions = self.build_schedule(m)
@@ -294,8 +325,7 @@ class PipelineExecutor:
         self._pending: list[tuple[Any, torch.Tensor | None, torch.Tensor | None]] = []
         self._losses: list[torch.Tensor] = []
         self.records, self.peak_inflight, self.released_outputs = [], 0, 0
-        if self.record and dist.is_initialized():
-            dist.barrier(group=self.group)
+        # No barrier: records are relative to this rank's own start (see `gather_timeline`).
         self._t0 = time.perf_counter()
 
         outgoing: list[tuple[int, torch.Tensor, bool]] = []  # (dst, tensor, release after)
@@ -321,6 +351,95 @@ class PipelineExecutor:
         self._poll_sends()
         assert not self._act_in and not self._act_out, "activations leaked past their backward"
         return self._losses
+
+    def run_forward(
+        self,
+        inputs: Sequence[Any] | None = None,
+        targets: Sequence[Any] | None = None,
+        *,
+        num_microbatches: int | None = None,
+    ) -> list[Any]:
+        """Forward only (evaluation, inference): `schedule_forward_only` under ``no_grad``.
+
+        The same P2P machinery as `run` (batched ``isend``/``irecv``, lockstep when
+        `batches_complete_in_lockstep` allows it, same-rank messages through a mailbox for a
+        one-stage interleaved model) but no gradient messages, no activation kept once it is
+        sent, no backward hook (``on_last_backward``, ``backward_context``) and no ``.grad``
+        touched. Whatever ``schedule`` the executor trains with, the forward order is
+        `schedule_forward_only`'s: the training schedule's forwards, in its order. The
+        modules' train/eval mode is left as it is (call ``.eval()`` to switch dropout off).
+
+        Every rank of the pipeline group must call it with the same number of micro-batches.
+
+        Args:
+            inputs: the ``m`` micro-batches on the first stage (e.g. ``(mb, seq)`` token ids
+                each); may be ``None`` elsewhere.
+            targets: optional, on the last stage: the ``m`` targets handed to ``loss_fn``.
+            num_microbatches: ``m``, needed on ranks given neither ``inputs`` nor ``targets``.
+
+        Returns:
+            on the last virtual stage, per micro-batch and in micro-batch order: with
+            ``targets``, ``loss_fn(output, target)`` (scalar, detached, *not* divided by
+            ``m``: the same values `run` returns); without, the last chunk's outputs
+            (e.g. logits ``(mb, seq, vocab)``, detached). ``[]`` on every other stage.
+        """
+        m = self._num_microbatches(inputs, targets, num_microbatches)
+        p, v, s = self.num_stages, self.num_chunks, self.stage
+        everyone = [schedule_forward_only(p, m, st, v) for st in range(p)]
+        check_message_order(everyone, p, v)
+        # Proven lockstep-safe for p <= 8, m <= 32, v <= 4 (see schedule_forward_only); the
+        # deferred protocol stays as the fallback should some other size not be.
+        self._lockstep, self._pair = batches_complete_in_lockstep(everyone, p, v), False
+        actions = everyone[s]
+        self._m, self._inputs, self._targets = m, inputs, targets
+        self._mailbox = []
+        self._pending = []
+        results: list[Any] = []
+        self.records, self.peak_inflight, self.released_outputs = [], 0, 0
+        self._t0 = time.perf_counter()
+        try:
+            with torch.no_grad():
+                outgoing: list[tuple[int, torch.Tensor, bool]] = []
+                for a in actions:
+                    (got,) = self._communicate(outgoing, [self._recv_buffers(a)])
+                    outgoing = []  # sent (and waited for, in lockstep): let the outputs go
+                    t_start = time.perf_counter()
+                    outgoing = self._forward_only(a, got, results)
+                    del got  # the received activation dies here: nothing is kept per micro-batch
+                    self.peak_inflight = 1
+                    if self.record:
+                        self.records.append(OpRecord(
+                            s, a, t_start - self._t0, time.perf_counter() - self._t0))
+                    self._poll_sends()
+                self._communicate(outgoing, [])
+                del outgoing
+                for work, _, _ in self._pending:
+                    if work is not None:
+                        work.wait()
+                self._poll_sends()
+        finally:  # hold no reference to the caller's micro-batches past the call
+            self._inputs = self._targets = None
+        assert not self._mailbox, "a same-rank message was never received"
+        return results
+
+    def _forward_only(self, a: Action, received: list[torch.Tensor] | None, results: list):
+        """One forward of `run_forward` (under ``no_grad``); returns the sends it produces."""
+        chunk = a.chunk
+        x = self._inputs[a.microbatch] if received is None else unflatten(self.spec, received)
+        out = self.chunks[chunk](x)
+        if self.is_last_virtual(chunk):
+            if self._targets is None:
+                results.append(_detach(out))
+            else:
+                loss = self.loss_fn(out, self._targets[a.microbatch])
+                if loss.numel() != 1:
+                    raise ValueError(f"loss_fn must return a scalar, got shape {tuple(loss.shape)}")
+                results.append(loss.detach())
+            return []
+        leaves = flatten_like(out, self.spec, what=f"output of chunk {chunk} (stage {self.stage})")
+        dst = self._rank_of_virtual(self._virtual(chunk) + 1)
+        # No graph, nothing to pseudo-free: the payload is dropped once its send completes.
+        return [(dst, t, False) for t in leaves]
 
     # -- communication
     def _recv_buffers(self, a: Action) -> tuple[int, tuple, list[torch.Tensor]] | None:
@@ -465,20 +584,58 @@ class PipelineExecutor:
         return out
 
     # ------------------------------------------------------------------ pictures
-    def gather_timeline(self) -> Timeline:
-        """All stages' records of the last `run` as one `Timeline` (a collective on ``group``).
+    def gather_timeline(self, *, clock_rounds: int = 8) -> Timeline:
+        """All stages' records of the last run as one `Timeline` (a collective on ``group``).
 
-        Requires ``record=True``. Times are seconds since the barrier at the start of `run`
-        (each rank measures against its own clock after the barrier, so clocks need not agree).
+        Requires ``record=True``. Each rank recorded against its own clock from its own start
+        (no barrier in `run`), so the records are first put on one time axis: every stage
+        estimates the offset of its ``time.perf_counter`` clock to stage 0's by a ping-pong
+        (Cristian's algorithm: send a ping at ``t1``, stage 0 answers with its clock ``T``,
+        the answer arrives at ``t2``; the offset is ``(t1 + t2) / 2 - T``, off by at most
+        ``(t2 - t1) / 2``; the round trip of ``clock_rounds`` tries with the shortest one is
+        kept). Times are then seconds since the earliest start of any rank, in stage 0's
+        clock; ``meta["clock_error_s"]`` is the largest bound ``(t2 - t1) / 2``.
+
+        Args:
+            clock_rounds: ping-pong round trips per stage (more: a tighter bound).
         """
         if not self.record:
             raise RuntimeError("construct the executor with record=True to gather a timeline")
         if not dist.is_initialized():
-            return Timeline(list(self.records), 1, {"measured": True})
+            return Timeline(list(self.records), 1, {"measured": True, "clock_error_s": 0.0})
+        offset, error = self._clock_offset(clock_rounds)
+        start = self._t0 - offset  # this rank's start of the last run, in stage 0's clock
         gathered: list[Any] = [None] * self.num_stages
-        dist.all_gather_object(gathered, self.records, group=self.group)
-        ops = [o for recs in gathered for o in recs]
-        return Timeline(ops, self.num_stages, {"measured": True})
+        dist.all_gather_object(gathered, (start, error, self.records), group=self.group)
+        base = min(g[0] for g in gathered)
+        ops = [OpRecord(o.stage, o.action, o.start + t - base, o.end + t - base)
+               for t, _, recs in gathered for o in recs]
+        return Timeline(ops, self.num_stages,
+                        {"measured": True, "clock_error_s": max(g[1] for g in gathered)})
 
+    def _clock_offset(self, rounds: int) -> tuple[float, float]:
+        """(this rank's ``perf_counter`` minus stage 0's, error bound), in seconds.
 
-
+        Stage 0 serves the stages one after the other with blocking send/recv, so no two
+        exchanges overlap (and nothing else is in flight: `run` has returned everywhere).
+        """
+        if rounds < 1:
+            raise ValueError(f"clock_rounds ({rounds}) must be >= 1")
+        buf = torch.zeros(1, dtype=torch.float64, device=self.device)
+        root = self.stage_ranks[0]
+        if self.stage == 0:
+            for peer in self.stage_ranks[1:]:
+                for _ in range(rounds):
+                    dist.recv(buf, src=peer, group=self.group)
+                    buf.fill_(time.perf_counter())
+                    dist.send(buf, dst=peer, group=self.group)
+            return 0.0, 0.0
+        best = (float("inf"), 0.0)  # (round trip, offset)
+        for _ in range(rounds):
+            t1 = time.perf_counter()
+            dist.send(buf, dst=root, group=self.group)
+            dist.recv(buf, src=root, group=self.group)
+            theirs = buf.item()  # .item() also waits for a device copy to land
+            t2 = time.perf_counter()
+            best = min(best, (t2 - t1, (t1 + t2) / 2 - theirs))
+        return best[1], best[0] / 2

@@ -18,6 +18,10 @@ Notation: ``p`` stages, ``m`` micro-batches, stage ``s`` in ``0..p-1``. An `Acti
   ``v`` times more point-to-point messages. Any ``m >= 1``: when ``p`` does not divide ``m``,
   the schedule is the one for the next multiple of ``p`` with the missing micro-batches taken
   out of the *first* group (empty slots; see `schedule_interleaved_1f1b`).
+* **Forward-only** (evaluation, inference): the forwards of the training schedule in the same
+  order, without the backwards (`schedule_forward_only`). Nothing waits for a backward, so a
+  stage keeps no activation past its forward; the fill and drain remain, ``p - 1`` slots each
+  (``p - 1`` chunk slots with interleaving).
 """
 
 from __future__ import annotations
@@ -28,6 +32,7 @@ from typing import Literal
 __all__ = [
     "Action",
     "schedule_1f1b",
+    "schedule_forward_only",
     "schedule_gpipe",
     "schedule_interleaved_1f1b",
     "validate_schedules",
@@ -169,11 +174,47 @@ def _interleaved_full(p: int, m: int, stage: int, v: int) -> list[Action]:
     return actions
 
 
+def schedule_forward_only(
+    num_stages: int, num_microbatches: int, stage: int, num_chunks: int = 1
+) -> list[Action]:
+    """Forward-only (evaluation / inference) schedule: ``m * v`` forwards, no backward.
+
+    With one chunk: ``F0 .. F(m-1)``. With ``num_chunks = v > 1`` (chunk ``c`` of stage ``s``
+    is virtual stage ``c * p + s``) the forwards run in the chunk-major order of
+    `schedule_interleaved_1f1b` (groups of ``p`` micro-batches cross chunk 0, then chunk 1, ...;
+    Megatron's forward-only interleaved pass uses the same order): stage 0 starts chunk 1 of
+    micro-batch 0 only after micro-batches ``0..p-1`` went through chunk 0, by which time
+    micro-batch 0 has come back around the ring, so no stage waits after the fill. It *is* the
+    training schedule with its backwards removed, for every ``p, m, v``; so the receive
+    orders still match (`check_message_order`), the per-micro-batch losses come out in the same
+    order as in training, and batched P2P in lockstep cannot deadlock (checked by
+    `batches_complete_in_lockstep` for every ``p <= 8, m <= 32, v <= 4``).
+
+    Returns:
+        ``num_microbatches * num_chunks`` ``"F"`` actions.
+
+    Raises:
+        ValueError: an invalid stage, micro-batch or chunk count.
+    """
+    _check(num_stages, num_microbatches, stage)
+    p, m, v = num_stages, num_microbatches, num_chunks
+    if not isinstance(v, int) or v < 1:
+        raise ValueError(f"num_chunks ({num_chunks}) must be an int >= 1")
+    if v == 1:
+        return [Action("F", i) for i in range(m)]
+    full = -(-m // p) * p  # the same remainder rule as schedule_interleaved_1f1b
+    skip = full - m
+    order = (_interleaved_order(k, p, v, backward=False) for k in range(full * v))
+    return [Action("F", mb - skip, c) for mb, c in order if mb >= skip]
+
+
 def validate_schedules(schedules: list[list[Action]]) -> tuple[int, int, int]:
     """Check a full pipeline's schedules (one list per stage) and return ``(p, m, v)``.
 
     Every stage must run each (micro-batch, chunk) forward exactly once and its backward
-    exactly once, after that forward; all stages must agree on ``m`` and ``v``.
+    exactly once, after that forward; all stages must agree on ``m`` and ``v``. A pipeline
+    with no backward on any stage is a *forward-only* one (`schedule_forward_only`): then
+    every forward must appear exactly once.
 
     Raises:
         ValueError: naming the stage and the action at fault.
@@ -187,6 +228,9 @@ def validate_schedules(schedules: list[list[Action]]) -> tuple[int, int, int]:
     m = 1 + max(mb for mb, _ in units)
     v = 1 + max(c for _, c in units)
     want = {(mb, c) for mb in range(m) for c in range(v)}
+    # Forward-only only when *no* stage has a backward: a training pipeline that forgot some
+    # backwards must still fail below.
+    forward_only = not any(isinstance(a, Action) and a.kind == "B" for sch in schedules for a in sch)
     for s, sched in enumerate(schedules):
         seen_f: set[tuple[int, int]] = set()
         seen_b: set[tuple[int, int]] = set()
@@ -204,6 +248,15 @@ def validate_schedules(schedules: list[list[Action]]) -> tuple[int, int, int]:
                 if key in seen_b:
                     raise ValueError(f"stage {s}: {a} appears twice")
                 seen_b.add(key)
+        if forward_only:
+            missing = sorted(want - seen_f)
+            if missing:
+                mb, c = missing[0]
+                raise ValueError(
+                    f"stage {s}: no forward for micro-batch {mb} chunk {c} (a forward-only "
+                    f"pipeline: expected m={m} micro-batches x v={v} chunks on every stage)"
+                )
+            continue
         missing = sorted(want - seen_b)
         if missing:
             mb, c = missing[0]

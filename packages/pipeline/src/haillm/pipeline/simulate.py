@@ -92,8 +92,12 @@ class Timeline:
 
         An activation is alive from the start of its forward to the end of its backward. For
         ``v = 1`` this is the number of micro-batches in flight (the activation memory of the
-        stage, in units of one micro-batch).
+        stage, in units of one micro-batch). In a forward-only timeline (no backward at all,
+        `schedule_forward_only`) nothing waits for a backward: an activation lives only while
+        its forward runs, so the peak is 1 on every stage that ran something.
         """
+        if not any(o.action.kind == "B" for o in self.ops):
+            return [min(1, len(self.stage_ops(s))) for s in range(self.num_stages)]
         peaks = []
         for s in range(self.num_stages):
             alive = peak = 0
