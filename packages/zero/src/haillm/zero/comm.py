@@ -69,7 +69,9 @@ def all_reduce_async(bucket: torch.Tensor, group=None):
     """Start summing `bucket` (B,) over `group`, in place, on every rank.
 
     A ring all-reduce is a reduce-scatter followed by an all-gather: 2(N-1)/N·B elements per
-    rank on the wire, the traffic of ZeRO-1's reduce-scatter + parameter all-gather together.
+    rank on the wire, as many as ZeRO-1's gradient reduce-scatter and parameter all-gather
+    together (in bytes more when the parameters are bf16: the all-gather then moves 2 bytes
+    per element, this one 4).
 
     Returns:
         A work handle (call ``.wait()``), or None for a single rank.
