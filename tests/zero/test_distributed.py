@@ -147,9 +147,12 @@ def case_optimizer_bytes(ddp, opt):
     assert got["grads"] == 4 * (psi + L.padding) and got["params"] == 4 * (psi + L.padding)
 
 
-def case_overlap_event_order(micro=3):
-    ddp = ZeroDataParallel(make_model(), bucket_mb=64 * 4 / 2**20)  # several buckets
-    assert len(ddp.layout.buckets) >= 3
+def case_overlap_event_order(micro=3, shard=True):
+    """The first bucket's collective (sharded: reduce-scatter, unsharded: all-reduce) starts
+    from a hook inside the last micro-batch's backward, before earlier gradients exist."""
+    start = "reduce_scatter_start" if shard else "all_reduce_start"
+    ddp = ZeroDataParallel(make_model(), bucket_mb=64 * 4 / 2**20, shard=shard)  # several buckets
+    assert len(ddp.layout.buckets) >= 3 and ddp.comm + "_start" == start
     opt = Zero1AdamW(ddp, lr=1e-3, precision="fp32")
     ddp.trace = []
     train_zero(ddp, opt, 2, micro, torch.float32, record=ddp.trace)
@@ -160,20 +163,22 @@ def case_overlap_event_order(micro=3):
     for s, e in zip(starts, ends):
         k = ev[s][1]
         window = ev[s:e]
-        rs = [j for j, (name, _) in enumerate(window) if name == "reduce_scatter_start"]
+        rs = [j for j, (name, _) in enumerate(window) if name == start]
         if k != micro - 1:
-            assert not rs, f"reduce-scatter during micro-batch {k}'s backward (no_sync)"
+            assert not rs, f"{start} during micro-batch {k}'s backward (no_sync)"
         else:
-            assert window[rs[0]] == ("reduce_scatter_start", 0)
+            assert window[rs[0]] == (start, 0)
+            # every bucket was launched inside the backward, in bucket order
+            assert [i for name, i in window if name == start] == list(range(len(ddp.layout.buckets)))
             later = [name for name, _ in window[rs[0]:] if name == "grad_ready"]
             assert later, "bucket 0 started only after the whole backward: no overlap"
     # overlap=False: nothing starts inside a backward
-    ddp2 = ZeroDataParallel(make_model(), bucket_mb=64 * 4 / 2**20, overlap=False)
+    ddp2 = ZeroDataParallel(make_model(), bucket_mb=64 * 4 / 2**20, overlap=False, shard=shard)
     opt2 = Zero1AdamW(ddp2, lr=1e-3, precision="fp32")
     ddp2.trace = []
     train_zero(ddp2, opt2, 1, 2, torch.float32, record=ddp2.trace)
     names = [e for e, _, _ in ddp2.trace]
-    assert names.index("reduce_scatter_start") > max(j for j, n in enumerate(names) if n == "bwd_end")
+    assert names.index(start) > max(j for j, n in enumerate(names) if n == "bwd_end")
 
 
 def case_loss_scaler_skips_on_inf():

@@ -93,6 +93,13 @@ def test_memory_formula():
     assert memory_per_rank(1000, 4, param_bytes=4)["optimizer"] == 2000.0
     with pytest.raises(ValueError, match="dp"):
         memory_per_rank(10, 0)
+    # shard= is ZeroDataParallel's name for the same flag; unsharded = plain DP for every N_d
+    assert memory_per_rank(1000, 4, shard=True) == m == memory_per_rank(1000, 4, zero=True)
+    assert memory_per_rank(1000, 4, shard=False) == memory_per_rank(1000, 4, zero=False)
+    assert memory_per_rank(1000, 4, shard=False)["total"] == (2 + 4 + 12) * 1000
+    assert memory_per_rank(1000, 4, param_bytes=4, shard=False)["optimizer"] == 8000.0
+    with pytest.raises(ValueError, match="disagree"):
+        memory_per_rank(10, 2, zero=True, shard=False)
 
 
 def _mlp(dtype=torch.float32):
@@ -182,3 +189,50 @@ def test_lr_scheduler_and_hparams():
                    param_groups=[{"params": ddp.params}, {"params": ddp.params[:1]}])
     with pytest.raises(ValueError, match="miss"):
         Zero1AdamW(ddp, lr=1e-2, precision="fp32", param_groups=[{"params": ddp.params[:1]}])
+
+
+def _grads_for(module, seed, spread):
+    """fp32 gradients whose magnitudes span 2^±spread (squares: twice that)."""
+    g = torch.Generator().manual_seed(seed)
+    return {n: torch.randn(p.shape, generator=g)
+            * torch.empty(p.shape).uniform_(-spread, spread, generator=g).exp2()
+            for n, p in module.named_parameters()}
+
+
+@given(dims=st.tuples(st.integers(1, 40), st.integers(2, 60), st.integers(1, 40)),
+       bucket=st.integers(1, 400), seed=st.integers(0, 2**16), spread=st.integers(0, 30))
+def test_norm_is_fp64_in_both_modes(dims, bucket, seed, spread):
+    """One process (degree 1): the norm is clip_grad_norm_ in float64 to 1e-12, whatever the
+    bucket layout, in both modes; and at degree 1 both modes run bitwise the same steps."""
+    d_in, d_hid, d_out = dims
+
+    def mlp():
+        torch.manual_seed(seed)
+        return nn.Sequential(nn.Linear(d_in, d_hid), nn.LayerNorm(d_hid), nn.Linear(d_hid, d_out))
+
+    grads = _grads_for(mlp(), seed, spread)
+    ps = [torch.zeros(g.shape, dtype=torch.float64, requires_grad=True) for g in grads.values()]
+    for p, g in zip(ps, grads.values()):
+        p.grad = g.double()
+    ref = torch.nn.utils.clip_grad_norm_(ps, float("inf")).item()
+    runs = []
+    for shard in (True, False):
+        ddp = ZeroDataParallel(mlp(), bucket_mb=bucket * 4 / 2**20, shard=shard)
+        assert ddp.layout.dp == 1 and ddp.comm == ("reduce_scatter" if shard else "all_reduce")
+        opt = Zero1AdamW(ddp, lr=1e-2, weight_decay=0.1, precision="fp32", max_grad_norm=0.3)
+        for n, g in grads.items():
+            ddp.main_grad_of(n).copy_(g)
+        norm, found_inf = opt.grad_norm_and_found_inf()
+        assert not found_inf and abs(norm - ref) <= 1e-12 * ref, (shard, norm, ref)
+        opt.step()  # clipped (0.3) with this norm
+        opt.zero_grad()
+        x = torch.randn(3, d_in, generator=torch.Generator().manual_seed(seed))
+        for _ in range(2):
+            ddp(x).square().mean().backward()
+            opt.step()
+            opt.zero_grad()
+        runs.append((norm, ddp.param_buffer.clone(), opt.full_state_dict()))
+    (n1, p1, f1), (n2, p2, f2) = runs
+    assert n1 == n2 and torch.equal(p1, p2)  # degree 1: the same layout and the same ops
+    for key in ("master", "exp_avg", "exp_avg_sq"):
+        assert all(torch.equal(f1[key][k], f2[key][k]) for k in f1[key])

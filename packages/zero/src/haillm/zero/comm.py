@@ -1,8 +1,11 @@
-"""The two collectives ZeRO-1 needs, behind one small function each.
+"""The collectives of data parallelism, behind one small function each.
 
 * `reduce_scatter_async(bucket, chunk, group)`: sum `bucket` over the group and leave rank r's
   chunk in `chunk` (a view of `bucket`: in place, as Megatron's distributed optimizer does).
 * `all_gather_async(bucket, chunk, group)`: the inverse, after the optimizer step.
+* `all_reduce_async(bucket, group)`: sum the whole `bucket` on every rank: plain data
+  parallelism (``ZeroDataParallel(shard=False)``), where every rank updates every parameter
+  and nothing is gathered afterwards.
 
 Both return a handle with `.wait()` (or None when the group has one rank). They delegate to
 `haillm.parallel`'s compatibility helpers, which resolve torch's collective names (renamed in
@@ -19,8 +22,8 @@ import torch.distributed as dist
 
 from haillm.parallel import all_gather_into_tensor, group_rank, group_size, reduce_scatter_tensor
 
-__all__ = ["REDUCE_SCATTER_IMPLS", "all_gather_async", "group_rank", "group_size",
-           "reduce_scatter_async"]
+__all__ = ["REDUCE_SCATTER_IMPLS", "all_gather_async", "all_reduce_async", "group_rank",
+           "group_size", "reduce_scatter_async"]
 
 #: "auto": native reduce-scatter, falling back (with a warning) to all-to-all + local sum;
 #: "reduce_scatter": native only; "all_to_all": force that fallback; "all_reduce": all-reduce
@@ -60,3 +63,19 @@ def all_gather_async(bucket: torch.Tensor, chunk: torch.Tensor, group=None):
     if group_size(group) == 1:
         return None
     return all_gather_into_tensor(bucket, chunk, group, async_op=True)
+
+
+def all_reduce_async(bucket: torch.Tensor, group=None):
+    """Start summing `bucket` (B,) over `group`, in place, on every rank.
+
+    A ring all-reduce is a reduce-scatter followed by an all-gather: 2(N-1)/N·B elements per
+    rank on the wire, as many as ZeRO-1's gradient reduce-scatter and parameter all-gather
+    together (in bytes more when the parameters are bf16: the all-gather then moves 2 bytes
+    per element, this one 4).
+
+    Returns:
+        A work handle (call ``.wait()``), or None for a single rank.
+    """
+    if group_size(group) == 1:
+        return None
+    return dist.all_reduce(bucket, op=dist.ReduceOp.SUM, group=group, async_op=True)

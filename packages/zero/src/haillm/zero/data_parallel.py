@@ -1,4 +1,4 @@
-"""ZeroDataParallel: fp32 gradient accumulation and overlapped, bucketed reduce-scatter.
+"""ZeroDataParallel: fp32 gradient accumulation and overlapped, bucketed reduce-scatter/all-reduce.
 
 What happens to one gradient (DeepSeek LLM §2.4: "gradients are accumulated in fp32"; ZeRO-1):
 
@@ -13,6 +13,12 @@ What happens to one gradient (DeepSeek LLM §2.4: "gradients are accumulated in 
 
 The parameters themselves are moved into one flat buffer with the same layout, so that the
 optimizer can write its updated shard in place and all-gather whole buckets.
+
+``shard=False`` is plain data parallelism ("ZeRO off") on the same buffers and hooks: step 3
+all-reduces each whole bucket instead (still launched from the hooks, overlapped with the same
+backward), step 4 divides the whole buffer by N_d, and every rank owns everything: the layout is
+built with ONE shard (``layout.dp == 1``) but the sharded mode's bucket boundaries, so the
+optimizer keeps the full fp32 state and updates all of it, with nothing to all-gather.
 
 The teaching version of the same data flow (no buckets, no overlap, no flat buffers) is
 `haillm.zero.reference.naive_zero1_step`; this one adds the flat layout, the fp32 buffer, the
@@ -29,14 +35,22 @@ import torch
 import torch.distributed as dist
 from torch import nn
 
-from haillm.zero.comm import REDUCE_SCATTER_IMPLS, group_rank, group_size, reduce_scatter_async
+from haillm.zero.comm import (
+    REDUCE_SCATTER_IMPLS,
+    all_reduce_async,
+    group_rank,
+    group_size,
+    reduce_scatter_async,
+)
 from haillm.zero.layout import Layout, build_layout
 
 __all__ = ["ZeroDataParallel"]
 
+_ALIGN = 16  # elements per chunk multiple: 64-byte chunk starts for fp32
+
 
 class ZeroDataParallel(nn.Module):
-    """Wrap a module for ZeRO-1 data parallelism with fp32 main gradients.
+    """Wrap a module for ZeRO-1 (or plain) data parallelism with fp32 main gradients.
 
     Args:
         module: the model; its trainable parameters must share one dtype (bf16, fp16 or fp32)
@@ -53,19 +67,30 @@ class ZeroDataParallel(nn.Module):
             ``"all_reduce"`` (see `haillm.zero.comm.reduce_scatter_async`).
         check_replicas: verify at wrap time (one all-reduce of a checksum) that every rank of
             `dp_group` holds the same parameters.
+        shard: True (default): ZeRO-1, each bucket is reduce-scattered and rank r owns chunk r
+            of it (its optimizer holds 1/N_d of the state). False: plain data parallelism,
+            each bucket is all-reduced from the same hooks (`reduce_scatter` is then unused)
+            and every rank owns, and its optimizer updates, the whole buffer.
 
     Attributes:
         main_grad: (numel,) the flat main-grad buffer (grad_dtype); after `finish_grad_sync`
-            this rank's chunks hold the DP-averaged gradient.
+            this rank's chunks (with ``shard=False``: all of it) hold the DP-averaged gradient.
         param_buffer: (numel,) the flat parameter buffer (the module's parameters are views).
-        layout: the `haillm.zero.layout.Layout` (buckets, offsets, this rank's segments).
+        layout: the `haillm.zero.layout.Layout` (buckets, offsets, this rank's segments); its
+            ``dp``/``rank`` are the number of shards and this rank's shard: (N_d, r) sharded,
+            (1, 0) unsharded. Both modes have the same offsets and bucket boundaries.
+        dp, dp_rank: size of `dp_group` and this rank's index in it (both modes).
+        shard: the mode.
+        comm: ``"reduce_scatter"`` (sharded) or ``"all_reduce"`` (unsharded): the gradient
+            collective, and the prefix of its trace events.
         trace: set to a list to record ``(event, index, time_ns)`` tuples: ``"grad_ready"``
-            (parameter index), ``"reduce_scatter_start"`` / ``"reduce_scatter_done"`` (bucket).
+            (parameter index), ``f"{comm}_start"`` / ``f"{comm}_done"`` (bucket index), i.e.
+            ``"reduce_scatter_start"`` sharded, ``"all_reduce_start"`` unsharded.
     """
 
     def __init__(self, module: nn.Module, *, dp_group=None, bucket_mb: float = 25.0,
                  grad_dtype: torch.dtype = torch.float32, overlap: bool = True,
-                 reduce_scatter: str = "auto", check_replicas: bool = True):
+                 reduce_scatter: str = "auto", check_replicas: bool = True, shard: bool = True):
         super().__init__()
         if not bucket_mb > 0:
             raise ValueError(f"bucket_mb ({bucket_mb}) must be > 0")
@@ -82,6 +107,8 @@ class ZeroDataParallel(nn.Module):
         self.bucket_mb = bucket_mb
         self.reduce_scatter_impl = reduce_scatter
         self.grad_dtype = grad_dtype
+        self.shard = bool(shard)
+        self.comm = "reduce_scatter" if self.shard else "all_reduce"
         self.trace: list | None = None
 
         named = [(n, p) for n, p in module.named_parameters() if p.requires_grad]
@@ -104,8 +131,13 @@ class ZeroDataParallel(nn.Module):
 
         elem = torch.empty((), dtype=grad_dtype).element_size()
         bucket_numel = max(1, int(bucket_mb * 2**20 / elem))
-        self.layout: Layout = build_layout([p.numel() for p in self.params], dp=self.dp,
-                                           rank=self.dp_rank, bucket_numel=bucket_numel)
+        # Unsharded: one shard owning everything, but buckets padded to multiples of N_d·16 as
+        # in the sharded mode, so both modes have the same offsets and bucket boundaries (the
+        # same all-reduce calls as reduce_scatter="all_reduce", hence the same sums).
+        self.layout: Layout = build_layout(
+            [p.numel() for p in self.params], dp=self.dp if self.shard else 1,
+            rank=self.dp_rank if self.shard else 0, bucket_numel=bucket_numel,
+            align=_ALIGN if self.shard else _ALIGN * self.dp)
         L = self.layout
         # The flat parameter buffer: the module's parameters become views of it.
         self.param_buffer = torch.zeros(L.numel, dtype=self.param_dtype, device=self.device)
@@ -186,7 +218,7 @@ class ZeroDataParallel(nn.Module):
         if self._handles[b] is not None or self._synced:
             raise RuntimeError(
                 f"gradient of {self.param_names[i]!r} arrived after its bucket {b} was already "
-                "reduce-scattered: run the other micro-batches under no_sync(), and call "
+                f"communicated ({self.comm}): run the other micro-batches under no_sync(), and call "
                 "zero_grad() (or the optimizer's step/zero_grad) before the next iteration")
         self._grad_views[i].add_(param.grad)  # fp32 accumulation (upcast inside the add)
         param.grad = None  # free the low-precision gradient right away
@@ -201,11 +233,14 @@ class ZeroDataParallel(nn.Module):
 
     def _launch(self, b: int) -> None:
         bucket = self.layout.buckets[b]
-        start, n = bucket.chunk(self.dp_rank, self.dp)
-        self._record("reduce_scatter_start", b)
-        self._handles[b] = reduce_scatter_async(
-            self.main_grad[bucket.start:bucket.start + bucket.numel],
-            self.main_grad[start:start + n], self.dp_group, impl=self.reduce_scatter_impl)
+        whole = self.main_grad[bucket.start:bucket.start + bucket.numel]
+        self._record(f"{self.comm}_start", b)
+        if self.shard:
+            start, n = bucket.chunk(self.dp_rank, self.dp)
+            self._handles[b] = reduce_scatter_async(whole, self.main_grad[start:start + n],
+                                                    self.dp_group, impl=self.reduce_scatter_impl)
+        else:
+            self._handles[b] = all_reduce_async(whole, self.dp_group)
         if self._handles[b] is None:
             self._handles[b] = _Done()
 
@@ -236,22 +271,28 @@ class ZeroDataParallel(nn.Module):
         self._sync = bool(enabled)
 
     def start_grad_sync(self) -> None:
-        """Launch the reduce-scatter of every bucket not launched yet (in bucket order), e.g.
-        buckets holding parameters that received no gradient."""
+        """Launch the reduce-scatter (unsharded: all-reduce) of every bucket not launched yet
+        (in bucket order), e.g. buckets holding parameters that received no gradient."""
         while self._next_bucket < len(self.layout.buckets):
             self._launch(self._next_bucket)
             self._next_bucket += 1
 
     @torch.no_grad()
     def finish_grad_sync(self) -> None:
-        """Wait for every bucket; afterwards this rank's chunks of `main_grad` hold the gradient
-        averaged over the DP group. Idempotent until `zero_grad`."""
+        """Wait for every bucket; afterwards this rank's chunks of `main_grad` (unsharded: the
+        whole buffer) hold the gradient averaged over the DP group. Idempotent until
+        `zero_grad`.
+
+        Both modes sum in the collective and then multiply what this rank owns by 1/N_d, after
+        the wait: the same convention, and for N_d a power of two an exact scaling, so the
+        average is the sum's rounding only.
+        """
         if self._synced:
             return
         self.start_grad_sync()
         for b, h in enumerate(self._handles):
             h.wait()
-            self._record("reduce_scatter_done", b)
+            self._record(f"{self.comm}_done", b)
         if self.dp > 1:
             for view in self.shard_grad_views():
                 view.mul_(1.0 / self.dp)  # SUM -> mean (gloo has no ReduceOp.AVG)
@@ -271,25 +312,28 @@ class ZeroDataParallel(nn.Module):
         self._handles = [None] * len(self.layout.buckets)
         self._synced = False
 
-    def shard_grad_views(self) -> list[torch.Tensor]:
-        """This rank's chunk of `main_grad`, one (B_b/N_d,) view per bucket."""
+    def _owned(self, buffer: torch.Tensor) -> list[torch.Tensor]:
+        L = self.layout  # (L.dp, L.rank): (N_d, r) sharded, (1, 0) unsharded
         out = []
-        for bucket in self.layout.buckets:
-            start, n = bucket.chunk(self.dp_rank, self.dp)
-            out.append(self.main_grad[start:start + n])
+        for bucket in L.buckets:
+            start, n = bucket.chunk(L.rank, L.dp)
+            out.append(buffer[start:start + n])
         return out
 
+    def shard_grad_views(self) -> list[torch.Tensor]:
+        """This rank's chunk of `main_grad`, one (B_b/N_d,) view per bucket (unsharded: the
+        whole (B_b,) bucket)."""
+        return self._owned(self.main_grad)
+
     def shard_param_views(self) -> list[torch.Tensor]:
-        """This rank's chunk of `param_buffer`, one (B_b/N_d,) view per bucket."""
-        out = []
-        for bucket in self.layout.buckets:
-            start, n = bucket.chunk(self.dp_rank, self.dp)
-            out.append(self.param_buffer[start:start + n])
-        return out
+        """This rank's chunk of `param_buffer`, one (B_b/N_d,) view per bucket (unsharded: the
+        whole (B_b,) bucket)."""
+        return self._owned(self.param_buffer)
 
     def main_grad_of(self, name: str) -> torch.Tensor:
         """The fp32 accumulated gradient of parameter `name` (full shape; before the sync it is
-        this rank's local sum, after it only this rank's owned elements are meaningful)."""
+        this rank's local sum, after it only this rank's owned elements are meaningful: all of
+        them unsharded)."""
         return self._grad_views[self.param_names.index(name)]
 
 

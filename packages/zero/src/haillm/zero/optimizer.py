@@ -10,15 +10,20 @@ With fp32 parameters (`precision="fp32"`) the parameters *are* the master weight
 updated in place in the flat parameter buffer and the optimizer holds only m and v, 8Ψ/N_d
 (as torch's `ZeroRedundancyOptimizer` around `torch.optim.AdamW`).
 
+On a ``ZeroDataParallel(shard=False)`` model (plain data parallelism) the "shard" is the whole
+buffer: 12Ψ (fp32 parameters: 8Ψ) on every rank, every rank updates every element of identical
+all-reduced gradients, and step 6 below has nothing to gather.
+
 `step()`:
-1. wait for the gradient reduce-scatter (`ZeroDataParallel.finish_grad_sync`);
-2. one all-reduce of ``[Σg², non-finite flag]`` over DP and over the extra model-parallel groups:
-   the global gradient norm and "found inf" agree on every rank;
+1. wait for the gradient reduce-scatter or all-reduce (`ZeroDataParallel.finish_grad_sync`);
+2. one all-reduce of ``[Σg², non-finite count]`` in float64 over DP (sharded only: unsharded,
+   every rank already holds all of Σg²) and over the extra model-parallel groups: the global
+   gradient norm and "found inf" agree on every rank;
 3. skip the step if a gradient is inf/nan (fp16: and back the loss scale off);
 4. scale the shard by ``1/S · min(1, max_norm/‖g‖)`` (unscale and clip in one pass);
 5. the fused AdamW (`haillm.fusedops.adamw_step_`) on the shard, writing the new low-precision
    parameters into the flat parameter buffer in the same pass;
-6. all-gather the parameter buckets.
+6. all-gather the parameter buckets (sharded only).
 
 The teaching version is `haillm.zero.reference.naive_zero1_step`; this one adds buckets, flat
 buffers, padding, clipping, loss scaling, per-group hyper-parameters and checkpoints.
@@ -42,6 +47,24 @@ from haillm.zero.loss_scaler import DynamicLossScaler
 __all__ = ["StepResult", "Zero1AdamW", "weight_decay_groups"]
 
 _PRECISIONS = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}
+# Elements per float64 temporary of the gradient norm (32 MiB): bounds the memory of the
+# upcast whatever the size of a parameter (an embedding may be a bucket of its own).
+_NORM_PIECE = 1 << 22
+
+
+def _sum_of_squares_fp64(g: torch.Tensor) -> torch.Tensor:
+    """Σ g_i² of a flat (n,) gradient view, accumulated in float64; returns a 0-d fp64 tensor.
+
+    The square of an fp32 (or bf16/fp16) number is exact in float64 (24 + 24 bits < 53), so the
+    only rounding is the float64 sum: at most (n-1)·2^-53 relative, whatever order the shards,
+    runs and ranks add up in. An fp32 accumulator is off by up to ~1e-7 relative and by a
+    different amount per sharding.
+    """
+    acc = torch.zeros((), dtype=torch.float64, device=g.device)
+    for piece in g.reshape(-1).split(_NORM_PIECE):
+        p = piece.to(torch.float64)
+        acc += torch.dot(p, p)
+    return acc
 
 
 class StepResult(NamedTuple):
@@ -82,8 +105,13 @@ def weight_decay_groups(module: nn.Module, weight_decay: float, *,
 class Zero1AdamW(torch.optim.Optimizer):
     """AdamW with fp32 master weights and moments sharded over the DP group (ZeRO stage 1).
 
+    With a ``ZeroDataParallel(shard=False)`` model the same class is plain data-parallel AdamW:
+    the full fp32 state on every rank (``layout.shard_numel`` = the whole buffer), every
+    element updated from the all-reduced gradients, no parameter all-gather. The checkpoint
+    formats are the same in both modes (`full_state_dict` loads across modes and DP sizes).
+
     Args:
-        model: the `ZeroDataParallel`-wrapped model.
+        model: the `ZeroDataParallel`-wrapped model (sharded or not).
         lr, betas, eps, weight_decay: exactly `torch.optim.AdamW`'s (defaults of each group).
         dp_group: must be the model's DP group (default: the model's).
         precision: ``"bf16"``, ``"fp16"`` or ``"fp32"``: the dtype of the model's parameters
@@ -156,7 +184,8 @@ class Zero1AdamW(torch.optim.Optimizer):
         counted = [True if count_in_norm is None else bool(count_in_norm(n, p))
                    for n, p in zip(model.param_names, model.params)]
 
-        # This rank's shard: fp32 master weights and the two moments, one flat buffer each.
+        # This rank's shard: fp32 master weights and the two moments, one flat buffer each
+        # (unsharded: the layout has one shard, so these are the full buffers).
         # fp32 parameters are their own master weights: no copy (8 B per owned element).
         L = model.layout
         dev = model.device
@@ -195,8 +224,14 @@ class Zero1AdamW(torch.optim.Optimizer):
                     self._master[sl].copy_(p)
 
     @property
+    def sharded(self) -> bool:
+        """Whether the state is partitioned over DP (the model's ``shard``)."""
+        return self.model.shard
+
+    @property
     def master(self) -> torch.Tensor:
-        """This rank's fp32 master-weight shard, flat (`layout.shard_numel`,).
+        """This rank's fp32 master-weight shard, flat (`layout.shard_numel`,) (unsharded: the
+        whole (`layout.numel`,) buffer).
 
         bf16/fp16: the optimizer's own buffer. fp32: the parameters are the master weights, so
         this is a *copy* gathered from this rank's chunks of the parameter buffer (for
@@ -221,7 +256,8 @@ class Zero1AdamW(torch.optim.Optimizer):
 
     def state_tensors(self) -> list[torch.Tensor]:
         """The tensors the optimizer itself holds (for memory accounting): m, v and, unless
-        the parameters are fp32, the master weights."""
+        the parameters are fp32, the master weights; each (`layout.shard_numel`,) fp32:
+        1/N_d of the padded buffer sharded, all of it unsharded."""
         own = [self.exp_avg, self.exp_avg_sq]
         return own if self._master is None else [self._master, *own]
 
@@ -251,8 +287,11 @@ class Zero1AdamW(torch.optim.Optimizer):
         return self.loss_scaler.scale_loss(loss) if self.loss_scaler is not None else loss
 
     # ------------------------------------------------------------------ step
-    def _all_reduce_all(self, t: torch.Tensor) -> None:
-        if group_size(self.model.dp_group) > 1:
+    def _all_reduce_stats(self, t: torch.Tensor) -> None:
+        # Sharded, each DP rank holds a disjoint part of Σg²: sum over DP. Unsharded, every
+        # rank holds the same all of it (the all-reduced gradients are bitwise equal on every
+        # rank, inf/nan included): summing would count it N_d times.
+        if self.model.shard and group_size(self.model.dp_group) > 1:
             dist.all_reduce(t, group=self.model.dp_group)
         for g in self.model_parallel_groups:
             if group_size(g) > 1:
@@ -262,21 +301,19 @@ class Zero1AdamW(torch.optim.Optimizer):
     def grad_norm_and_found_inf(self) -> tuple[float, bool]:
         """Global L2 norm of the (still scaled) gradients and whether any is inf/nan.
 
-        One all-reduce of two numbers per group: Σg² of the counted parameters and the
-        number of non-finite Σg² of any local run (also the not-counted ones).
+        One all-reduce of two float64 numbers per group (gloo and NCCL both reduce float64):
+        Σg² of the counted parameters, accumulated in float64 (see `_sum_of_squares_fp64`: the
+        norm is the same to ~1e-12 relative for every DP size and mode), and the number of
+        non-finite Σg² of any local run (also the not-counted ones).
         """
         self.model.finish_grad_sync()
-        stats = torch.zeros(2, dtype=torch.float32, device=self.model.device)
+        stats = torch.zeros(2, dtype=torch.float64, device=self.model.device)
         if self._norm_runs:
-            views = [g for _, g in self._norm_runs]
-            # one multi-tensor kernel on CUDA (torch._foreach_norm), a loop elsewhere
-            norms = (torch._foreach_norm(views) if hasattr(torch, "_foreach_norm")
-                     else [torch.linalg.vector_norm(g) for g in views])
-            sq = torch.stack([n.float() for n in norms]) ** 2
+            sq = torch.stack([_sum_of_squares_fp64(g) for _, g in self._norm_runs])
             counted = torch.tensor([c for c, _ in self._norm_runs], device=sq.device)
             stats[0] = sq[counted].sum() if counted.any() else 0.0
-            stats[1] = (~torch.isfinite(sq)).sum().float()
-        self._all_reduce_all(stats)
+            stats[1] = (~torch.isfinite(sq)).sum().to(torch.float64)
+        self._all_reduce_stats(stats)
         sumsq, nonfinite = stats.tolist()
         found_inf = nonfinite > 0 or not math.isfinite(sumsq)
         return math.sqrt(sumsq) if math.isfinite(sumsq) else float("nan"), found_inf
@@ -322,11 +359,15 @@ class Zero1AdamW(torch.optim.Optimizer):
 
     @torch.no_grad()
     def all_gather_params(self) -> None:
-        """Every rank's updated shard -> every rank's full flat parameter buffer."""
+        """Every rank's updated shard -> every rank's full flat parameter buffer (a no-op
+        unsharded: every rank updated all of it)."""
         m = self.model
+        L = m.layout
+        if L.dp == 1:
+            return
         handles = []
-        for bucket in m.layout.buckets:
-            start, n = bucket.chunk(m.dp_rank, m.dp)
+        for bucket in L.buckets:
+            start, n = bucket.chunk(L.rank, L.dp)
             handles.append(all_gather_async(m.param_buffer[bucket.start:bucket.start + bucket.numel],
                                             m.param_buffer[start:start + n], m.dp_group))
         for h in handles:
@@ -341,13 +382,14 @@ class Zero1AdamW(torch.optim.Optimizer):
     def state_dict(self) -> dict:
         """This rank's shard (master, exp_avg, exp_avg_sq) and the hyper-parameters.
 
-        Load it back with `load_state_dict` on the same DP size and model; to change the DP
-        size use `full_state_dict` / `load_full_state_dict`.
+        Load it back with `load_state_dict` on the same DP size, mode and model; to change the
+        DP size or the mode use `full_state_dict` / `load_full_state_dict`. ``dp_size`` and
+        ``dp_rank`` are the layout's shard count and index ((1, 0) unsharded).
         """
         L = self.model.layout
         return {
             "format": "haillm.zero.Zero1AdamW/sharded-v1",
-            "dp_size": L.dp, "dp_rank": L.rank, "numel": L.numel,
+            "dp_size": L.dp, "dp_rank": L.rank, "numel": L.numel, "shard": self.model.shard,
             "buckets": [(b.start, b.numel) for b in L.buckets],
             "param_names": list(self.model.param_names),
             "master": self.master.clone(), "exp_avg": self.exp_avg.clone(),
@@ -392,11 +434,13 @@ class Zero1AdamW(torch.optim.Optimizer):
 
     @torch.no_grad()
     def full_state_dict(self) -> dict:
-        """Gather the whole optimizer state on every rank (collective: call on all DP ranks).
+        """Gather the whole optimizer state on every rank (collective: call on all DP ranks;
+        unsharded, every rank already holds it and nothing is communicated).
 
         Returns:
             ``{"master"|"exp_avg"|"exp_avg_sq": {name: fp32 tensor shaped like the parameter},
-            "num_steps", "param_groups", "loss_scaler"}``: independent of the DP size.
+            "num_steps", "param_groups", "loss_scaler"}``: independent of the DP size and of
+            the mode.
         """
         m, L = self.model, self.model.layout
         out: dict = {"format": "haillm.zero.Zero1AdamW/full-v1"}
@@ -410,7 +454,7 @@ class Zero1AdamW(torch.optim.Optimizer):
             handles = [all_gather_async(flat[bk.start:bk.start + bk.numel],
                                         flat[bk.start + L.rank * (bk.numel // L.dp):
                                              bk.start + (L.rank + 1) * (bk.numel // L.dp)],
-                                        m.dp_group) for bk in L.buckets]
+                                        m.dp_group) for bk in L.buckets] if L.dp > 1 else []
             for h in handles:
                 if h is not None:
                     h.wait()
@@ -422,8 +466,9 @@ class Zero1AdamW(torch.optim.Optimizer):
 
     @torch.no_grad()
     def load_full_state_dict(self, state: dict) -> None:
-        """Load a `full_state_dict` (saved with any DP size): each rank keeps its shard, and
-        the model's parameters are set from the master weights."""
+        """Load a `full_state_dict` (saved with any DP size, sharded or not): each rank keeps
+        its shard (unsharded: everything), and the model's parameters are set from the master
+        weights."""
         m, L = self.model, self.model.layout
         missing = set(m.param_names) - set(state["master"])
         if missing:
