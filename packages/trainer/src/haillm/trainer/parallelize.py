@@ -165,8 +165,7 @@ def apply_data_parallel(local: DeepSeekLM, dims: ParallelDims, p: ParallelConfig
     if dims.tp > 1 and p.sequence_parallel:
         local._sp_hooks = register_sequence_parallel_grad_hooks(local, dims.tp_group)
     zdp = ZeroDataParallel(local, dp_group=dims.dp_group, bucket_mb=4.0,
-                           overlap=p.overlap_grad_reduce,
-                           **({} if p.zero else {"shard": False}))
+                           overlap=p.overlap_grad_reduce, shard=p.zero)
     what = ("haillm.zero.ZeroDataParallel (ZeRO-1: fp32 main grads, bucketed reduce-scatter)"
             if p.zero else "haillm.zero.ZeroDataParallel (shard=False: all-reduce, plain DP)")
     return zdp, {"data parallel": what}
