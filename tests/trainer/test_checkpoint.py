@@ -133,8 +133,8 @@ def test_nonfinite_loss_stops_with_step(corpus, tmp_path, monkeypatch):
     tr = sys.modules["haillm.trainer.train"]  # the package exports a function of that name
 
     class NaNModel(tr.DeepSeekLM):  # a NaN weight: the very first loss is NaN
-        def materialize_(self, prefix=""):  # the trainer's reference is lazy
-            names = super().materialize_(prefix)
+        def materialize_(self, *args, **kwargs):  # the trainer's model is lazy
+            names = super().materialize_(*args, **kwargs)
             if "norm.weight" in names:
                 self.norm.weight.data.fill_(float("nan"))
             return names

@@ -42,7 +42,7 @@ from dataclasses import dataclass
 
 from haillm.trainer.config import PRESETS, ConfigError, ModelConfig, load_config
 from haillm.trainer.metrics import flops_per_token
-from haillm.trainer.model import split_layers
+from haillm.trainer.parallelize import split_layers
 
 __all__ = ["Layout", "Plan", "activation_bytes", "korthikanti_bytes", "plan", "plan_table",
            "state_bytes"]
