@@ -1,4 +1,5 @@
-"""CUDA checks (skipped without a GPU): bf16 ZeRO-1 on the device, alone and on one NCCL rank."""
+"""CUDA checks (skipped without a GPU): bf16 ZeRO-1 on the device, alone and on one NCCL rank;
+the float64 gradient norm on the device in both modes."""
 
 from __future__ import annotations
 
@@ -50,3 +51,32 @@ def test_bf16_zero_on_cuda_single_process():
 @pytest.mark.gpu
 def test_bf16_zero_on_one_nccl_rank():
     assert run_distributed(_train_and_compare, 1, backend="nccl", timeout=120) == [True]
+
+
+def _fp64_norm_both_modes(device="cuda"):
+    """The float64 gradient norm on the device (the upcast and dot run there), both modes."""
+    def model():
+        torch.manual_seed(0)
+        return nn.Sequential(nn.Linear(64, 96), nn.LayerNorm(96), nn.Linear(96, 33))
+
+    g = torch.Generator().manual_seed(3)
+    grads = {n: torch.randn(p.shape, generator=g)
+             * torch.empty(p.shape).uniform_(-16, 16, generator=g).exp2()
+             for n, p in model().named_parameters()}
+    ps = [torch.zeros(t.shape, dtype=torch.float64, requires_grad=True) for t in grads.values()]
+    for p, t in zip(ps, grads.values()):
+        p.grad = t.double()
+    ref = torch.nn.utils.clip_grad_norm_(ps, float("inf")).item()
+    for shard in (True, False):
+        ddp = ZeroDataParallel(model().to(device, torch.bfloat16), bucket_mb=0.01, shard=shard)
+        opt = Zero1AdamW(ddp, lr=1e-2, precision="bf16")
+        for n, t in grads.items():
+            ddp.main_grad_of(n).copy_(t)
+        norm, found_inf = opt.grad_norm_and_found_inf()
+        assert not found_inf and abs(norm - ref) <= 1e-12 * ref, (shard, norm, ref)
+    return True
+
+
+@pytest.mark.gpu
+def test_fp64_grad_norm_on_cuda_both_modes():
+    assert _fp64_norm_both_modes("cuda")

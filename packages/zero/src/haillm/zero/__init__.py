@@ -3,7 +3,9 @@
 * `ZeroDataParallel`: flat fp32 main-grad buffer, gradient accumulation in fp32, bucketed
   reduce-scatter overlapped with the last micro-batch's backward.
 * `Zero1AdamW`: fp32 master weights and Adam moments sharded over data parallelism, fused
-  update writing the bf16 parameters, all-gather; clipping and loss scaling.
+  update writing the bf16 parameters, all-gather; clipping (float64 norm) and loss scaling.
+* ``ZeroDataParallel(shard=False)``: plain data parallelism on the same buffers: bucketed
+  all-reduce overlapped with backward, full optimizer state on every rank, no all-gather.
 * `DynamicLossScaler`: fp16 loss scaling.
 * `haillm.zero.reference`: the teaching versions (single-process mixed precision, naive ZeRO-1).
 """
