@@ -203,7 +203,7 @@ def train(cfg: Config, *, stream=None, overwrite: bool = False) -> dict:
     act_shape = (mbs, s_local, m.hidden_size)  # the residual stream between stages
     v = len(chunks)
     pkg_step = PipelineStep(chunks, schedule=p.pipeline_schedule, act_shape=act_shape,
-                            dtype=dtype, device=device,
+                            dtype=dtype, device=device, scale_loss=opt.opt.scale_loss,
                             on_last_backward=opt.start_last_microbatch)
     sched_src = (f"haillm.pipeline.PipelineExecutor ({p.pipeline_schedule}"
                  f"{f', {v} chunks per stage' if v > 1 else ''})")
@@ -243,7 +243,7 @@ def train(cfg: Config, *, stream=None, overwrite: bool = False) -> dict:
             xs = [b[0].to(device) for b in batches]
             ys = [b[1].to(device) for b in batches]
             lr = lr_at(step, t)
-            loss_sum = pkg_step(xs, ys, loss_scale=opt.loss_scale, times=times)
+            loss_sum = pkg_step(xs, ys, times=times)
             gnorm, found_inf = opt.step(lr)
             mine = loss_sum.item() if (dims.is_last_stage and dims.tp_rank == 0) else 0.0
             # the stop requests ride along with the loss: every rank stops after the same step
