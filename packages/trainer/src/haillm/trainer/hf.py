@@ -29,7 +29,6 @@ from __future__ import annotations
 import json
 import os
 import shutil
-import sys
 from collections.abc import Callable
 from pathlib import Path
 
@@ -332,10 +331,13 @@ def _token_text(v) -> str | None:
 
 def _find_tokenizer(ckpt: Path, cfg: Config) -> Path | None:
     """The tokenizer.json of a checkpoint's run: the run folder's (next to `checkpoints/`),
-    else the configured `data.tokenizer`, else the one in `run.out`."""
+    else the configured `data.tokenizer`, else a pre-tokenised corpus folder's, else the one
+    in `run.out`."""
     for cand in (ckpt / "tokenizer.json", ckpt.parent / "tokenizer.json",
                  ckpt.parent.parent / "tokenizer.json",
                  Path(cfg.data.tokenizer) if cfg.data.tokenizer else None,
+                 Path(cfg.data.corpus) / "tokenizer.json" if "," not in cfg.data.corpus
+                 else None,
                  Path(cfg.run.out) / "tokenizer.json"):
         if cand is not None and cand.is_file():
             return cand
@@ -501,6 +503,3 @@ def conversion_table(cfg: ModelConfig | None = None) -> str:
             start += rows
     return "\n".join(lines) + "\n"
 
-
-def _print(msg: str) -> None:
-    print(f"haillm-export: {msg}", file=sys.stderr, flush=True)
