@@ -14,6 +14,7 @@ Nothing is downloaded: every model and tokenizer is built here.
 
 from __future__ import annotations
 
+import dataclasses
 import json
 from pathlib import Path
 
@@ -27,9 +28,15 @@ from transformers import AutoTokenizer, LlamaConfig, LlamaForCausalLM  # noqa: E
 
 from haillm.trainer import Config, train  # noqa: E402
 from haillm.trainer.cli import export_main, generate_main, train_main  # noqa: E402
-from haillm.trainer.config import apply_dict, load_config  # noqa: E402
+from haillm.trainer.config import ConfigError, ModelConfig, apply_dict, load_config  # noqa: E402
 from haillm.trainer.generate import load_model  # noqa: E402
-from haillm.trainer.hf import HFReader, conversion_table, export_hf  # noqa: E402
+from haillm.trainer.hf import (  # noqa: E402
+    HFReader,
+    conversion_table,
+    export_hf,
+    hf_config,
+    model_config_from_hf,
+)
 from haillm.trainer.shard_plan import param_specs  # noqa: E402
 from tests.helpers import run_distributed  # noqa: E402
 
@@ -134,6 +141,24 @@ def test_export_logits_equal_transformers(what, micro_run, tmp_path):
     err = (got - want).abs().max().item()
     print(f"{what}: max |logits(transformers) - logits(haillm)| = {err:.2e}")
     assert err <= 1e-5
+
+
+def test_hf_config_both_ways_and_refusals():
+    m = load_config("micro").model
+    hf = hf_config(m, eos_token_id=3)
+    assert model_config_from_hf(hf) == dataclasses.replace(ModelConfig(), **{
+        k: getattr(m, k) for k in ("vocab_size", "hidden_size", "n_layers", "n_heads",
+                                   "n_kv_heads", "intermediate_size", "rope_theta", "norm_eps")})
+    for change, word in [({"attention_bias": True}, "attention_bias"),
+                         ({"rope_scaling": {"rope_type": "linear", "factor": 2.0}},
+                          "rope_scaling of type 'linear'"),
+                         ({"hidden_act": "gelu"}, "hidden_act 'gelu'"),
+                         ({"head_dim": 16}, "head_dim 16"),
+                         ({"model_type": "gpt2"}, "model_type 'gpt2'")]:
+        with pytest.raises(ConfigError, match=word):
+            model_config_from_hf({**hf, **change})
+    with pytest.raises(ConfigError, match="missing intermediate_size"):
+        model_config_from_hf({k: v for k, v in hf.items() if k != "intermediate_size"})
 
 
 def test_export_bf16_and_errors(micro_run, tmp_path, capsys):

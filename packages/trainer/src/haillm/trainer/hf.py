@@ -99,11 +99,11 @@ def model_config_from_hf(hf: dict, base: ModelConfig | None = None, *,
     for k in ("attention_bias", "mlp_bias"):
         if hf.get(k):
             refuse.append(f"{k} true (DeepSeekLM's projections have no bias)")
-    scaling = hf.get("rope_scaling") or {}
-    kind = scaling.get("rope_type", scaling.get("type", "default")) if scaling else "default"
-    kind = (hf.get("rope_parameters") or {}).get("rope_type", kind)
-    if kind not in (None, "default"):
-        refuse.append(f"rope scaling {kind!r} (DeepSeekLM's RoPE is unscaled)")
+    for key in ("rope_scaling", "rope_parameters"):  # transformers 4.x, 5.x
+        rope = hf.get(key) or {}
+        kind = rope.get("rope_type", rope.get("type", "default"))
+        if kind not in (None, "default"):
+            refuse.append(f"{key} of type {kind!r} (DeepSeekLM's RoPE is unscaled)")
     heads = int(hf["num_attention_heads"])
     head_dim = hf.get("head_dim")
     if head_dim is not None and int(head_dim) * heads != int(hf["hidden_size"]):
