@@ -87,7 +87,7 @@ def _token_corpus(path: Path, vocab: int) -> str:
 def test_export_logits_equal_transformers(what, micro_run, tmp_path):
     """micro: 4 query heads on 2 KV heads; tiny's width and vocabulary with 8 query heads on
     2 KV heads, trained in bf16 (the export must still be the fp32 masters)."""
-    torch.set_num_threads(2)
+    torch.set_num_threads(1)  # tiny GEMMs: threads only contend on a shared CI machine
     if what == "micro":
         run = micro_run
     else:
