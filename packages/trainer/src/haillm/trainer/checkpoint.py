@@ -152,7 +152,8 @@ def _resolve(path: Path, log=None) -> tuple[Path, dict]:
 
 
 def load_logical(path: Path, keys: dict[str, tuple[tuple[int, ...], torch.dtype]] | None = None,
-                 *, prefix: str = "master/", log=None) -> tuple[dict[str, torch.Tensor], dict]:
+                 *, prefix: str = "master/", log=None, verify: bool = True
+                 ) -> tuple[dict[str, torch.Tensor], dict]:
     """Read full logical tensors from a checkpoint in one process (no process group needed).
 
     Args:
@@ -160,13 +161,18 @@ def load_logical(path: Path, keys: dict[str, tuple[tuple[int, ...], torch.dtype]
         keys: `{logical name: (shape, dtype)}` to read; default every key under `prefix`.
         log: called with each refused checkpoint and with the one used (default: refusals
             to stderr).
+        verify: check the manifest's sizes and checksums; False for a checkpoint folder
+            verified already (a streaming reader calls this once per group of keys).
     Returns:
         (`{name: tensor}` without the prefix, the manifest).
     """
     import torch.distributed.checkpoint as dcp
     from torch.distributed.checkpoint import FileSystemReader
 
-    path, manifest = _resolve(path, log)
+    if not verify and (Path(path) / "manifest.json").is_file():
+        manifest = json.loads((Path(path) / "manifest.json").read_text())
+    else:
+        path, manifest = _resolve(path, log)
     if log:
         log(f"using checkpoint {path} (step {manifest['step']})")
     try:

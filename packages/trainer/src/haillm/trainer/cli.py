@@ -1,4 +1,5 @@
-"""Command-line entry points: `haillm-train`, `haillm-generate`, `haillm-plan`, `haillm-prepare`."""
+"""Command-line entry points: `haillm-train`, `haillm-generate`, `haillm-plan`, `haillm-prepare`,
+`haillm-export`."""
 
 from __future__ import annotations
 
@@ -8,8 +9,8 @@ from pathlib import Path
 
 from haillm.trainer.config import PRESETS, Config, ConfigError, load_config
 
-__all__ = ["build_config", "generate_main", "plan_main", "prepare_main", "train_main",
-           "train_parser"]
+__all__ = ["build_config", "export_main", "generate_main", "plan_main", "prepare_main",
+           "train_main", "train_parser"]
 
 
 def train_parser() -> argparse.ArgumentParser:
@@ -41,6 +42,9 @@ def train_parser() -> argparse.ArgumentParser:
                     "must match; layout, --steps and the save cadence may change)")
     ap.add_argument("--overwrite", action="store_true", help="if --out holds another run, "
                     "move it aside to <out>.prev-<time> (nothing is deleted) and start afresh")
+    ap.add_argument("--init-from", metavar="HF_DIR", help="start from a Hugging Face "
+                    "Llama-format folder: its weights (each rank reads only its slices), model "
+                    "shape and tokenizer; step 0, fresh optimizer (train.init_from)")
     ap.add_argument("--allow-change", dest="allow_changes", action="append", default=[],
                     metavar="KEY", help="with --resume: let config KEY (e.g. train.lr; or "
                     "'all') differ from the checkpoint's (repeatable)")
@@ -60,6 +64,12 @@ def build_config(args: argparse.Namespace) -> Config:
         v = getattr(args, flag)
         if v is not None:
             setattr(getattr(cfg, section), key, v)
+    if args.init_from is not None:
+        cfg.train.init_from = args.init_from
+    if cfg.train.init_from:  # the shape comes from its config.json; explicit clashes refused
+        from haillm.trainer.hf import apply_init_from, explicit_model_keys
+
+        apply_init_from(cfg, explicit_model_keys(args.config, args.overrides))
     if args.resume:
         cfg.run.resume = True
     if args.allow_changes:
@@ -270,6 +280,63 @@ def prepare_main(argv: list[str] | None = None) -> int:
     except ConfigError as e:
         print(f"haillm-prepare: error: {e}", file=sys.stderr)
         return 2
+    return 0
+
+
+def export_parser() -> argparse.ArgumentParser:
+    ap = argparse.ArgumentParser(
+        prog="haillm-export", description="Write a checkpoint (any training layout) as a "
+        "Hugging Face LlamaForCausalLM folder: config.json, safetensors shards + index, "
+        "generation_config.json, tokenizer files.",
+        epilog="example: haillm-export --checkpoint runs/tiny --hf hf/tiny")
+    ap.add_argument("--checkpoint", required=True, metavar="DIR", help="a checkpoint folder, "
+                    "or a run folder (its newest complete checkpoint)")
+    ap.add_argument("--hf", required=True, metavar="OUT", help="the folder to write")
+    ap.add_argument("--dtype", default="fp32", choices=["fp32", "bf16"],
+                    help="fp32: the master weights exactly (default); bf16: rounded to nearest")
+    ap.add_argument("--max-shard-size", default="5GB", metavar="SIZE", help="largest "
+                    "safetensors shard: bytes, or with a unit (KB, MB, GB; decimal) (default 5GB)")
+    return ap
+
+
+def _size(text: str) -> int:
+    """'5GB' -> 5_000_000_000 (decimal units, as Hugging Face's max_shard_size)."""
+    t = text.strip().upper()
+    for unit, mul in (("KB", 10**3), ("MB", 10**6), ("GB", 10**9), ("B", 1)):
+        if t.endswith(unit):
+            t, m = t[:-len(unit)], mul
+            break
+    else:
+        m = 1
+    try:
+        n = int(float(t) * m)
+    except ValueError:
+        raise ConfigError(f"--max-shard-size: cannot read {text!r} as a size (e.g. 5GB, "
+                          "200MB, 1000000)") from None
+    if n < 1:
+        raise ConfigError(f"--max-shard-size must be at least 1 byte, got {text!r}")
+    return n
+
+
+def export_main(argv: list[str] | None = None) -> int:
+    """`haillm-export`: a checkpoint -> a Hugging Face Llama folder (see `--help`)."""
+    from haillm.trainer.checkpoint import CheckpointError
+    from haillm.trainer.hf import export_hf
+
+    a = export_parser().parse_args(argv)
+    say = lambda s: print(f"haillm-export: {s}", file=sys.stderr, flush=True)
+    try:
+        if not Path(a.checkpoint).exists():
+            raise ConfigError(f"--checkpoint {a.checkpoint!r}: no such file or folder")
+        out = export_hf(a.checkpoint, a.hf, dtype=a.dtype, max_shard_size=_size(a.max_shard_size),
+                        log=say)
+    except (ConfigError, CheckpointError) as e:
+        print(f"haillm-export: error: {e}", file=sys.stderr)
+        return 2
+    except OSError as e:
+        print(f"haillm-export: error: {_os_error_text(e)}", file=sys.stderr)
+        return 2
+    print(out)
     return 0
 
 

@@ -151,6 +151,11 @@ class TrainConfig:
     """Seed of the initialisation and the data order."""
     precision: str = "bf16"
     """`bf16`, `fp16` (with dynamic loss scaling) or `fp32`."""
+    init_from: str = ""
+    """A Hugging Face Llama-format folder (`config.json` + safetensors) to start from:
+    its weights, its model shape (which then overrides the preset's) and its tokenizer.json
+    when present; the step counter starts at 0 with a fresh optimizer (continued
+    pre-training, fine-tuning). Empty: the seeded initialisation. `--init-from`."""
 
 
 @dataclass

@@ -582,6 +582,26 @@ def _save_tokenizer(tok, path: Path) -> str:
     return _sha256_file(path)
 
 
+def eos_id(tok, tok_path: Path | None = None) -> int:
+    """The id of the token that ends every document: `EOS` (the trainer's BPE), else the
+    `eos_token` of a `tokenizer_config.json` beside `tok_path` (a Hugging Face folder's
+    tokenizer, e.g. DeepSeek LLM's); `ConfigError` when there is none."""
+    i = tok.token_to_id(EOS)
+    if i is not None:
+        return i
+    side = Path(tok_path).parent / "tokenizer_config.json" if tok_path else None
+    if side is not None and side.is_file():
+        try:
+            t = json.loads(side.read_text(encoding="utf-8")).get("eos_token")
+        except ValueError:
+            t = None
+        t = t.get("content") if isinstance(t, dict) else t
+        if isinstance(t, str) and tok.token_to_id(t) is not None:
+            return tok.token_to_id(t)
+    raise ConfigError(f"data.tokenizer: {str(tok_path)!r} has no end-of-document token "
+                      f"({EOS!r}, or an eos_token in a tokenizer_config.json beside it)")
+
+
 def _encode(tok, docs: list[str], eos: int, dtype) -> np.ndarray:
     """The packed tokens of `docs`: each document's ids, then EOS."""
     parts = []
@@ -666,9 +686,10 @@ def _tokenizer_for(cfg: DataConfig, vocab_size: int, out: Path | None, tok_path:
 
     if cfg.tokenizer and tok_path.is_file():
         tok = Tokenizer.from_file(str(tok_path))
-        if tok.get_vocab_size() != vocab_size:
+        # fewer tokens than embedding rows is fine (DeepSeek LLM pads 100015 to 102400)
+        if tok.get_vocab_size() > vocab_size:
             raise ConfigError(f"data.tokenizer: {str(tok_path)!r} has {tok.get_vocab_size()} "
-                              f"tokens, model.vocab_size is {vocab_size}")
+                              f"tokens, more than model.vocab_size ({vocab_size})")
         return tok
     if (tok_path is not None and tok_path.is_file() and out is not None
             and any((out / "checkpoints").glob("step_*"))):
@@ -697,7 +718,7 @@ def build_dataset(cfg: DataConfig, vocab_size: int, seq_len: int, out: Path | No
         docs = list(iter_documents(cfg, files))
         tok = _tokenizer_for(cfg, vocab_size, None,
                              Path(cfg.tokenizer).expanduser() if cfg.tokenizer else None, docs)
-        tokens = _encode(tok, docs, tok.token_to_id(EOS), dtype)
+        tokens = _encode(tok, docs, eos_id(tok, cfg.tokenizer or None), dtype)
         return PackedDataset(tokens, seq_len, cfg.val_fraction), tok
     out = Path(out)
     tok_path = Path(cfg.tokenizer).expanduser() if cfg.tokenizer else out / "tokenizer.json"
@@ -718,7 +739,7 @@ def build_dataset(cfg: DataConfig, vocab_size: int, seq_len: int, out: Path | No
             sha = _save_tokenizer(tok, tok_path)
         if cfg.tokenizer:
             fp["tokenizer_sha256"] = sha
-        eos = tok.token_to_id(EOS)
+        eos = eos_id(tok, tok_path)
         w = TokenWriter(out, dtype, eos=eos)
         for chunk in _chunks(docs):
             w.write(_encode(tok, chunk, eos, dtype), len(chunk))

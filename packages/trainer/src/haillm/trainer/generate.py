@@ -35,7 +35,8 @@ def generate(model: DeepSeekLM, tokens: torch.Tensor, max_new_tokens: int, *,
 
 def load_model(path: str | Path, *, dtype=torch.float32, device="cpu",
                log=None) -> tuple[DeepSeekLM, Config, Path]:
-    """A full model from a checkpoint folder, a run folder or a `model.safetensors` export.
+    """A full model from a checkpoint folder, a run folder, a `model.safetensors` export or
+    a Hugging Face Llama folder (`config.json` + safetensors: `haillm.trainer.hf`).
 
     `log` is told every refused checkpoint and which one is used (default: refusals only,
     on stderr). A damaged checkpoint raises `CheckpointError` naming what is wrong.
@@ -46,6 +47,10 @@ def load_model(path: str | Path, *, dtype=torch.float32, device="cpu",
     from haillm.trainer.config import load_config
 
     path = Path(path)
+    from haillm.trainer.hf import is_hf_folder, load_hf_model
+
+    if is_hf_folder(path):  # a Hugging Face Llama folder (an export, or DeepSeek LLM's own)
+        return load_hf_model(path, dtype=dtype, device=device)
     if path.suffix == ".safetensors" or (path.is_dir() and not (path / "checkpoints").is_dir()
                                          and (path / "model.safetensors").is_file()
                                          and not (path / "manifest.json").is_file()):
@@ -105,7 +110,8 @@ def generate_parser() -> argparse.ArgumentParser:
     ap = argparse.ArgumentParser(prog="haillm-generate", description="Sample text from a "
                                  "checkpoint (any training layout) or a safetensors export.")
     ap.add_argument("--checkpoint", required=True, metavar="DIR", help="a checkpoint folder, a "
-                    "run folder (its newest complete checkpoint) or a model.safetensors file")
+                    "run folder (its newest complete checkpoint), a model.safetensors file or "
+                    "a Hugging Face Llama folder")
     ap.add_argument("--prompt", required=True, metavar="TEXT")
     ap.add_argument("--max-new-tokens", type=int, default=64)
     ap.add_argument("--temperature", type=float, default=0.8, help="0: greedy")

@@ -145,11 +145,17 @@ def materialize(local: DeepSeekLM, dims: ParallelDims, *, dtype=torch.float32, d
     """Give this rank's parameters their values: for each parameter, the full tensor from
     `source(name)` (default: the seeded init) sliced by its shard-plan rule, cast to `dtype`
     on `device`; one parameter at a time, so the peak is one full tensor. Parameters that
-    already hold values are only cast."""
+    already hold values are only cast.
+
+    A source with a ``local(name, spec, rank, tp)`` method (`haillm.trainer.hf.HFReader`)
+    returns this rank's slice itself, of shape ``spec.shard.local_shape``: a memory-mapped
+    reader then reads only the bytes this rank owns, never the full tensor."""
     specs = param_specs(local.cfg)
     source = source or (lambda name: init_value(local.cfg, local.seed, name, specs[name]))
 
     def value(name, _p):
+        if hasattr(source, "local"):
+            return source.local(name, specs[name], dims.tp_rank, dims.tp)
         return specs[name].shard.local(source(name), dims.tp_rank, dims.tp)
 
     local.materialize_(value, dtype=dtype, device=device)

@@ -31,7 +31,6 @@ import numpy as np
 
 from haillm.trainer.config import PRESETS, ConfigError, load_config
 from haillm.trainer.data import (
-    EOS,
     TokenWriter,
     _chunks,
     _encode,
@@ -41,6 +40,7 @@ from haillm.trainer.data import (
     _token_dtype,
     corpus_files,
     corpus_fingerprint,
+    eos_id,
     is_pretokenised,
     iter_documents,
     load_or_train_tokenizer,
@@ -83,10 +83,12 @@ def prepare_parser() -> argparse.ArgumentParser:
 
 # ------------------------------------------------------------------ worker processes
 _WORKER_TOK = None
+_WORKER_EOS = 0
 
 
-def _init_worker(tok_json: str) -> None:
-    global _WORKER_TOK
+def _init_worker(tok_json: str, eos: int) -> None:
+    global _WORKER_TOK, _WORKER_EOS
+    _WORKER_EOS = eos
     os.environ["TOKENIZERS_PARALLELISM"] = "false"  # the parallelism is the processes
     from tokenizers import Tokenizer
 
@@ -96,7 +98,7 @@ def _init_worker(tok_json: str) -> None:
 def _encode_in_worker(docs: list[str]) -> tuple[bytes, int, str]:
     tok = _WORKER_TOK
     dtype = _token_dtype(tok.get_vocab_size())
-    arr = _encode(tok, docs, tok.token_to_id(EOS), dtype)
+    arr = _encode(tok, docs, _WORKER_EOS, dtype)
     return arr.tobytes(), len(docs), np.dtype(dtype).name
 
 
@@ -177,9 +179,10 @@ def prepare(data, vocab_size: int, out: Path, *, workers: int = 1, shard_mb: flo
         if not src.is_file():
             raise ConfigError(f"--tokenizer {str(src)!r} does not exist")
         tok = Tokenizer.from_file(str(src))
-        if tok.get_vocab_size() != vocab_size:
+        # fewer tokens than embedding rows is fine (DeepSeek LLM pads 100015 to 102400)
+        if tok.get_vocab_size() > vocab_size:
             raise ConfigError(f"--tokenizer {str(src)!r} has {tok.get_vocab_size()} tokens, "
-                              f"model.vocab_size is {vocab_size} (pass --vocab-size "
+                              f"more than model.vocab_size ({vocab_size}) (pass --vocab-size "
                               f"{tok.get_vocab_size()})")
     else:
         if progress:
@@ -193,13 +196,13 @@ def prepare(data, vocab_size: int, out: Path, *, workers: int = 1, shard_mb: flo
     else:
         sha = _save_tokenizer(tok, tok_path)
     dtype = _token_dtype(vocab_size)
-    writer = TokenWriter(out, dtype, eos=tok.token_to_id(EOS),
+    eos = eos_id(tok, src if data.tokenizer else None)  # an HF tokenizer: its own eos_token
+    writer = TokenWriter(out, dtype, eos=eos,
                          shard_tokens=max(1, int(shard_mb * 2**20 / np.dtype(dtype).itemsize)))
     budget = int(data.max_corpus_mb * 2**20) if data.max_corpus_mb > 0 else None
     bar = _Progress(_estimate_chars(files, budget), progress, stream)
     chunks = _chunks(iter_documents(data, files))
     if workers == 1:
-        eos = tok.token_to_id(EOS)
         for chunk in chunks:
             arr = _encode(tok, chunk, eos, dtype)
             writer.write(arr, len(chunk))
@@ -227,7 +230,7 @@ def _encode_parallel(tok, chunks, workers: int, writer: TokenWriter, bar: _Progr
     old = os.environ.get("TOKENIZERS_PARALLELISM")
     os.environ["TOKENIZERS_PARALLELISM"] = "false"  # forked children: no warning, no threads
     try:
-        pool = ctx.Pool(workers, initializer=_init_worker, initargs=(tok.to_str(),))
+        pool = ctx.Pool(workers, initializer=_init_worker, initargs=(tok.to_str(), writer.eos))
     finally:
         if old is None:
             os.environ.pop("TOKENIZERS_PARALLELISM", None)

@@ -4,7 +4,10 @@
     (this rank's chunks: fused ops, TP/SP, pipeline split, its slices of the seeded weights,
     ZeRO-1) -> per step: pipeline schedule over M micro-batches with fp32 grad accumulation ->
     ZeRO-1 reduce-scatter started in the last backward -> clipped AdamW on the shard ->
-    all-gather -> metrics. At the end: validation, a generated sample, the fp32 weights.
+    all-gather -> metrics. At the end: validation, a generated sample, and one final model,
+    `<out>/model.safetensors`: the fp32 master weights under the shard plan's names (the same
+    values as the last checkpoint's `master/` tensors, whatever `train.precision` was).
+    `train.init_from` starts from a Hugging Face folder's weights instead of the seeded init.
 
 `train(cfg)` runs in every rank (after `torch.distributed` is initialised, or in a single
 process); `haillm.trainer.launch` starts the ranks.
@@ -165,6 +168,10 @@ def train(cfg: Config, *, stream=None, overwrite: bool = False) -> dict:
     from haillm.trainer.runfolder import prepare_run_folder
 
     world = dist.get_world_size() if dist.is_initialized() else 1
+    if cfg.train.init_from:  # the model shape (and tokenizer) of the HF folder
+        from haillm.trainer.hf import apply_init_from
+
+        apply_init_from(cfg)
     cfg.validate(world)
     p, t, m = cfg.parallel, cfg.train, cfg.model
     check_device(cfg, int(os.environ.get("LOCAL_WORLD_SIZE", 1)) if world > 1 else 1)
@@ -196,7 +203,15 @@ def train(cfg: Config, *, stream=None, overwrite: bool = False) -> dict:
     # ---- model: every rank builds the same seeded DeepSeekLM on the meta device (structure,
     # no memory); parallelize keeps this rank's chunks and draws only the slices it owns
     dtype = DTYPES[t.precision]
-    chunks = parallelize(DeepSeekLM(m, seed=t.seed, lazy=True), dims, cfg)
+    # with --init-from each rank reads its own slices from the memory-mapped safetensors
+    source = None
+    if t.init_from:
+        from haillm.trainer.hf import HFReader
+
+        source = HFReader(t.init_from, m)
+    chunks = parallelize(DeepSeekLM(m, seed=t.seed, lazy=True), dims, cfg, source=source)
+    if source is not None:
+        source.close()
     opt = Optimizer(chunks, t)
     mbs = cfg.micro_batch_size
     s_local = m.seq_len // p.tp if (p.sequence_parallel and p.tp > 1) else m.seq_len
@@ -301,10 +316,17 @@ def _finish(summary, chunks, opt, dims, cfg, out, tok, stream, t_start) -> dict:
     model = _gather_model(chunks, opt, dims, cfg)  # collective: every rank takes part
     if is_rank0 and model is not None:
         try:
+            import json
+
             from safetensors.torch import save_file
 
+            # the fp32 master weights (what the checkpoints hold), never the bf16/fp16 compute
+            # copies: one final model per run; `haillm-export --hf` converts it for transformers
             save_file({k: v.contiguous() for k, v in model.state_dict().items()},
-                      str(out / "model.safetensors"))
+                      str(out / "model.safetensors"),
+                      metadata={"format": "pt", "haillm_weights": "fp32 master weights",
+                                "step": str(summary["step"]),
+                                "config": json.dumps(cfg.to_dict())})
         except ImportError:  # pragma: no cover
             torch.save(model.state_dict(), out / "model.pt")
         if cfg.run.sample_tokens and tok is not None:
