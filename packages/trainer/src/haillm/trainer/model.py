@@ -8,7 +8,8 @@ init std), norm weights at 1.
 As built, the model is the plain single-process spec: `nn.Linear` projections, the norms'
 and the SwiGLU's reference paths, `flash_attention(impl="reference")` (the score matrix,
 materialised). `parallelize` (haillm.trainer.parallelize) turns the *same* modules into one
-rank's share of a dp x tp x pp run: fused kernels, `haillm.parallel` layers, pipeline chunks.
+rank's share of a dp x cp x tp x pp run: fused kernels, `haillm.parallel` layers, ring
+attention over the sequence (CP), pipeline chunks.
 Nothing here repeats K/V or writes an attention softmax; the parameter names (`shard_plan`)
 never depend on the layout.
 
