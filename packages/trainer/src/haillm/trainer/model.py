@@ -140,8 +140,6 @@ class Attention(nn.Module):
         k = rearrange(k, "b s (h d) -> b s h d", d=hd)
         v = rearrange(v, "b s (h d) -> b s h d", d=hd)
         q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)
-        if cache is not None:  # decoding: the new queries attend to every cached key
-            k, v = cache.update(self.layer_id, k, v)  # (B, L + S, Hkv, D)
         if self.cp_group is not None:
             if cache is not None:
                 raise ValueError("Attention: a KV cache (generation) and context parallelism "
@@ -152,6 +150,8 @@ class Attention(nn.Module):
                                            causal=True, group=self.cp_group,
                                            load_balance=True, impl=self.impl)
             return self.wo(rearrange(o, "b s h d -> b s (h d)"))
+        if cache is not None:  # decoding: the new queries attend to every cached key
+            k, v = cache.update(self.layer_id, k, v)  # (B, L + S, Hkv, D)
         # causal, aligned bottom-right when seqlen_q < seqlen_k (the KV-cache case)
         o = flash_attention(q.contiguous(), k.contiguous(), v.contiguous(), causal=True,
                             impl=self.impl)  # (B, S, Hq, D)
