@@ -6,8 +6,10 @@ One checkpoint is a folder `<out>/checkpoints/step_00000040/`:
   rank and a `.metadata` index): for every parameter of the model, under its *logical* name
   and *global* shape (`master/layers.3.attn.wq.weight`, `exp_avg/...`, `exp_avg_sq/...`):
   the fp32 master weights and the two Adam moments, **gathered to full on save** over TP
-  (the shard plan's `Shard.gather`) and over DP (the ZeRO-1 shards). The (dp 0, tp 0) rank of
-  every pipeline stage contributes its stage's tensors, so the stages write in parallel. The
+  (the shard plan's `Shard.gather`) and over DP (the ZeRO-1 shards, over dp x cp under
+  context parallelism). The (dp 0, cp 0, tp 0) rank of every pipeline stage contributes its
+  stage's tensors, so the stages write in parallel. Nothing depends on cp: the CP ranks hold
+  the same parameters (only the tokens are split), so a run resumes in any cp. The
   training weights are the master weights cast to the training precision (which is exactly
   what the optimizer writes after each step), so they need no copy of their own.
 * `trainer_state.pt`: optimizer step count, data position (the sampler), loss scaler, step;
@@ -294,7 +296,8 @@ class Checkpointer:
         self.log = lambda s: (end_progress_line(), print(s, file=stream or sys.stderr,
                                                           flush=True))
         dims = self.dims
-        self.writer = dims.dp_rank == 0 and dims.tp_rank == 0  # one writer per stage
+        # one writer per stage (the CP ranks hold the same full tensors: one writes them)
+        self.writer = dims.dp_rank == 0 and dims.tp_rank == 0 and dims.cp_rank == 0
         pids = Path(cfg.run.out) / "pids"  # so that operators (and tests) can find a rank
         pids.mkdir(parents=True, exist_ok=True)
         (pids / f"rank_{dims.rank:05d}").write_text(str(os.getpid()))
@@ -305,7 +308,7 @@ class Checkpointer:
 
     def _layout(self) -> dict:
         p = self.cfg.parallel
-        return {"dp": p.dp, "tp": p.tp, "pp": p.pp, "world": self.dims.world_size,
+        return {"dp": p.dp, "tp": p.tp, "pp": p.pp, "cp": p.cp, "world": self.dims.world_size,
                 "microbatches": p.microbatches, "sequence_parallel": p.sequence_parallel}
 
     def should_save(self, step: int, last: int) -> bool:
@@ -440,15 +443,16 @@ class Checkpointer:
         ts = torch.load(Path(path) / "trainer_state.pt", weights_only=False)
         _optimizer_load_full(self.opt, state, ts["optimizer"])
         self.sampler.load_state_dict(ts["sampler"])
-        same = manifest["layout"] == self._layout()
+        # a manifest written before context parallelism existed has no "cp": it was 1
+        same = {"cp": 1, **manifest["layout"]} == self._layout()
         rng = Path(path) / "rng" / f"rank_{self.dims.rank:05d}.pt"
         if same and rng.is_file():
             _set_rng_state(torch.load(rng, weights_only=False))
         if self.dims.rank == 0:
             _trim_metrics(Path(self.cfg.run.out), int(ts["step"]))
-            old = manifest["layout"]
-            how = "same layout" if same else (f"resharded from dp={old['dp']} tp={old['tp']} "
-                                              f"pp={old['pp']}")
+            old = {"cp": 1, **manifest["layout"]}
+            how = "same layout" if same else (f"resharded from dp={old['dp']} cp={old['cp']} "
+                                              f"tp={old['tp']} pp={old['pp']}")
             self.log(f"haillm: resumed from {path} at step {ts['step']} ({how})")
         self._barrier()
         return int(ts["step"])

@@ -16,7 +16,7 @@ __all__ = ["build_config", "export_main", "generate_main", "plan_main", "prepare
 def train_parser() -> argparse.ArgumentParser:
     ap = argparse.ArgumentParser(
         prog="haillm-train",
-        description="Train a DeepSeek-LLM-architecture model with DP (ZeRO-1) x TP (+SP) x PP.",
+        description="Train a DeepSeek-LLM-architecture model with DP (ZeRO-1) x TP (+SP) x CP x PP.",
         epilog="example: haillm-train --preset tiny --nproc 8 --dp 2 --tp 2 --pp 2",
     )
     ap.add_argument("--config", metavar="FILE.toml", help="TOML file (same sections as "
@@ -28,6 +28,8 @@ def train_parser() -> argparse.ArgumentParser:
     ap.add_argument("--dp", type=int, help="data-parallel degree (ZeRO-1 over it)")
     ap.add_argument("--tp", type=int, help="tensor-parallel degree (with sequence parallel)")
     ap.add_argument("--pp", type=int, help="pipeline-parallel degree")
+    ap.add_argument("--cp", type=int, help="context-parallel degree (ring attention over the "
+                    "sequence; seq_len divisible by 2*cp)")
     ap.add_argument("--microbatches", type=int, help="micro-batches per step and DP rank")
     ap.add_argument("--steps", type=int, help="optimizer steps")
     ap.add_argument("--precision", choices=["bf16", "fp16", "fp32"])
@@ -57,6 +59,7 @@ def build_config(args: argparse.Namespace) -> Config:
     cfg = load_config(preset, args.config, args.overrides)
     for flag, (section, key) in {
         "dp": ("parallel", "dp"), "tp": ("parallel", "tp"), "pp": ("parallel", "pp"),
+        "cp": ("parallel", "cp"),
         "microbatches": ("parallel", "microbatches"), "steps": ("train", "steps"),
         "precision": ("train", "precision"), "device": ("run", "device"), "out": ("run", "out"),
         "save_every": ("run", "save_every"), "exit_after": ("run", "exit_after"),
@@ -75,7 +78,7 @@ def build_config(args: argparse.Namespace) -> Config:
     if args.allow_changes:
         cfg.run.allow_changes = ",".join(
             k for k in [*cfg.run.allow_changes.split(","), *args.allow_changes] if k.strip())
-    for flag in ("dp", "tp", "pp", "microbatches", "steps", "save_every", "exit_after"):
+    for flag in ("dp", "tp", "pp", "cp", "microbatches", "steps", "save_every", "exit_after"):
         v = getattr(args, flag)
         lo = 0 if flag in ("save_every", "exit_after") else 1
         if v is not None and v < lo:
@@ -85,10 +88,13 @@ def build_config(args: argparse.Namespace) -> Config:
     p = cfg.parallel
     if args.nproc is not None and args.nproc < 1:
         raise ConfigError(f"--nproc must be >= 1, got {args.nproc}")
-    if args.nproc and args.dp is None and p.dp * p.tp * p.pp != args.nproc:
-        if args.nproc % (p.tp * p.pp):
-            raise ConfigError(f"--nproc {args.nproc} is not divisible by tp*pp = {p.tp}*{p.pp}")
-        p.dp = args.nproc // (p.tp * p.pp)  # the remaining ranks go to data parallelism
+    mp = p.cp * p.tp * p.pp  # the ranks of one data-parallel replica
+    if args.nproc and args.dp is None and p.dp * mp != args.nproc:
+        if args.nproc % mp:
+            what = (f"tp*pp = {p.tp}*{p.pp}" if p.cp == 1
+                    else f"cp*tp*pp = {p.cp}*{p.tp}*{p.pp}")
+            raise ConfigError(f"--nproc {args.nproc} is not divisible by {what}")
+        p.dp = args.nproc // mp  # the remaining ranks go to data parallelism
     return cfg
 
 

@@ -168,6 +168,9 @@ class ParallelConfig:
     """Tensor-parallel degree (Megatron column/row split)."""
     pp: int = 1
     """Pipeline-parallel degree (stages)."""
+    cp: int = 1
+    """Context-parallel degree: ring attention over `cp` ranks per sequence (zigzag layout,
+    `seq_len` divisible by 2*cp); parameters reduce, and ZeRO-1 shards, over dp x cp."""
     microbatches: int = 4
     """Micro-batches per optimizer step and data-parallel rank (gradient accumulation)."""
     pipeline_schedule: str = "1f1b"
@@ -239,12 +242,15 @@ class Config:
         """Raise `ConfigError` for a layout that does not divide the world or the model."""
         m, p, t = self.model, self.parallel, self.train
         self.validate_ranges()
-        n = p.dp * p.tp * p.pp
+        n = p.dp * p.cp * p.tp * p.pp
         if world_size is not None and n != world_size:
+            if p.cp == 1:
+                raise ConfigError(
+                    f"layout dp*tp*pp = {p.dp}*{p.tp}*{p.pp} = {n} does not match the world "
+                    f"size {world_size}; pass --nproc {n} or change --dp/--tp/--pp/--cp")
             raise ConfigError(
-                f"layout dp*tp*pp = {p.dp}*{p.tp}*{p.pp} = {n} does not match the world size "
-                f"{world_size}; pass --nproc {n} or change --dp/--tp/--pp"
-            )
+                f"layout dp*cp*tp*pp = {p.dp}*{p.cp}*{p.tp}*{p.pp} = {n} does not match the "
+                f"world size {world_size}; pass --nproc {n} or change --dp/--cp/--tp/--pp")
         if m.hidden_size % m.n_heads:
             raise ConfigError(f"model.hidden_size ({m.hidden_size}) must be divisible by "
                               f"model.n_heads ({m.n_heads})")
@@ -257,9 +263,23 @@ class Config:
                           ("vocab_size", m.vocab_size), ("intermediate_size", m.intermediate_size)):
             if val % p.tp:
                 raise ConfigError(f"model.{what} ({val}) must be divisible by tp ({p.tp})")
-        if p.sequence_parallel and p.tp > 1 and m.seq_len % p.tp:
-            raise ConfigError(f"model.seq_len ({m.seq_len}) must be divisible by tp ({p.tp}) "
-                              "under sequence parallelism")
+        # CP: the zigzag layout cuts every sequence into 2*cp equal chunks (rank r holds
+        # chunks r and 2cp-1-r); SP then splits each CP rank's S/cp tokens over its TP group
+        # (contiguously: the all-gather before attention restores the rank's two chunks), so
+        # under both S must be divisible by 2*cp and S/cp by tp, i.e. by cp * lcm(2, tp).
+        if p.cp > 1 and m.seq_len % (2 * p.cp):
+            raise ConfigError(
+                f"model.seq_len ({m.seq_len}) must be divisible by 2*cp = {2 * p.cp} under "
+                f"context parallelism (the zigzag layout: 2*cp equal chunks, rank r holds "
+                f"chunks r and 2*cp-1-r)")
+        if p.sequence_parallel and p.tp > 1 and (m.seq_len // p.cp) % p.tp:
+            if p.cp == 1:
+                raise ConfigError(f"model.seq_len ({m.seq_len}) must be divisible by tp "
+                                  f"({p.tp}) under sequence parallelism")
+            raise ConfigError(
+                f"model.seq_len ({m.seq_len}) must be divisible by cp*tp = {p.cp * p.tp} "
+                f"under context and sequence parallelism (each CP rank's seq_len/cp = "
+                f"{m.seq_len // p.cp} tokens are split over tp = {p.tp} ranks)")
         stages = p.pp * (p.chunks if p.pipeline_schedule == "interleaved" else 1)
         if m.n_layers < stages:
             raise ConfigError(f"model.n_layers ({m.n_layers}) must be >= the number of pipeline "
@@ -319,7 +339,7 @@ RANGES: dict[tuple[str, str], tuple[tuple[float, bool] | None, tuple[float, bool
     ("train", "beta1"): ((0, False), (1, True)), ("train", "beta2"): ((0, False), (1, True)),
     ("train", "eps"): _GT0, ("train", "weight_decay"): _GE0, ("train", "grad_clip"): _GE0,
     ("train", "eval_every"): _GE0, ("train", "eval_batches"): _GE1,
-    **{("parallel", k): _GE1 for k in ("dp", "tp", "pp", "microbatches", "chunks")},
+    **{("parallel", k): _GE1 for k in ("dp", "tp", "pp", "cp", "microbatches", "chunks")},
     ("run", "log_every"): _GE1, ("run", "save_every"): _GE0, ("run", "exit_after"): _GE0,
     ("run", "keep_checkpoints"): _GE0, ("run", "sample_tokens"): _GE0,
 }

@@ -8,7 +8,8 @@ init std), norm weights at 1.
 As built, the model is the plain single-process spec: `nn.Linear` projections, the norms'
 and the SwiGLU's reference paths, `flash_attention(impl="reference")` (the score matrix,
 materialised). `parallelize` (haillm.trainer.parallelize) turns the *same* modules into one
-rank's share of a dp x tp x pp run: fused kernels, `haillm.parallel` layers, pipeline chunks.
+rank's share of a dp x cp x tp x pp run: fused kernels, `haillm.parallel` layers, ring
+attention over the sequence (CP), pipeline chunks.
 Nothing here repeats K/V or writes an attention softmax; the parameter names (`shard_plan`)
 never depend on the layout.
 
@@ -37,6 +38,7 @@ from einops import rearrange
 
 from haillm.flashattn import flash_attention
 from haillm.fusedops import RMSNorm, cross_entropy_reference, linear_swiglu
+from haillm.parallel import context_parallel_attention, split_sequence
 from haillm.trainer.config import ModelConfig
 from haillm.trainer.shard_plan import ParamSpec, param_specs
 
@@ -63,12 +65,20 @@ def init_value(cfg: ModelConfig, seed: int, name: str, spec: ParamSpec | None = 
     return _draw(cfg, seed, name, spec.shape)
 
 
-def rope_cache(seq_len: int, head_dim: int, theta: float, device=None, *, start: int = 0):
-    """cos and sin of positions [start, start + seq_len), each (seq_len, head_dim), fp32
-    (the rotate-half layout of LLaMA and Hugging Face's Llama)."""
+def rope_cache(seq_len: int, head_dim: int, theta: float, device=None, *, start: int = 0,
+               positions: torch.Tensor | None = None):
+    """cos and sin of positions [start, start + seq_len), or of the given `positions`
+    (seq_len,) (a context-parallel rank's zigzag chunks are not contiguous), each
+    (seq_len, head_dim), fp32 (the rotate-half layout of LLaMA and Hugging Face's Llama)."""
     inv = 1.0 / theta ** (torch.arange(0, head_dim, 2, dtype=torch.float32, device=device)
                           / head_dim)
-    t = torch.arange(start, start + seq_len, dtype=torch.float32, device=device)
+    if positions is None:
+        t = torch.arange(start, start + seq_len, dtype=torch.float32, device=device)
+    else:
+        if positions.shape != (seq_len,):
+            raise ValueError(f"rope_cache: positions of shape {tuple(positions.shape)}, "
+                             f"expected ({seq_len},)")
+        t = positions.to(device=device, dtype=torch.float32)
     freqs = torch.outer(t, inv)  # (S, D/2)
     emb = torch.cat([freqs, freqs], dim=-1)  # (S, D)
     return emb.cos(), emb.sin()
@@ -103,7 +113,11 @@ class KVCache:
 
 class Attention(nn.Module):
     """Causal attention with RoPE through `haillm.flashattn.flash_attention` (GQA without
-    copying K/V). Head counts are this rank's (`parallelize` divides them by tp)."""
+    copying K/V). Head counts are this rank's (`parallelize` divides them by tp).
+
+    Under context parallelism (`cp_group` set by `parallelize`, step 3) x holds this rank's
+    zigzag shard of the sequence and attention is `haillm.parallel.context_parallel_attention`:
+    ring attention (Liu et al. 2023) with `impl` for its block computations."""
 
     def __init__(self, cfg: ModelConfig, layer_id: int):
         super().__init__()
@@ -111,12 +125,14 @@ class Attention(nn.Module):
         self.n_heads, self.n_kv_heads, self.head_dim = cfg.n_heads, cfg.n_kv_heads, hd
         self.layer_id = layer_id
         self.impl = "reference"  # the readable spec; parallelize picks the configured one
+        self.cp_group = None  # the context-parallel group (None: the whole sequence is here)
         self.wqkv = nn.Linear(d, (cfg.n_heads + 2 * cfg.n_kv_heads) * hd, bias=False)
         self.wo = nn.Linear(cfg.n_heads * hd, d, bias=False)
 
     def forward(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor,
                 cache: KVCache | None = None) -> torch.Tensor:
-        """x (B, S, d) (under SP: (B, S/tp, d), gathered by `wqkv`) -> (B, S[/tp], d)."""
+        """x (B, S, d) (under SP: (B, S/tp, d), gathered by `wqkv`; under CP S is this rank's
+        S/cp tokens, and cos, sin are of their positions) -> (B, S[/tp], d)."""
         hd = self.head_dim
         qkv = self.wqkv(x)  # (B, S, (Hq + 2 Hkv) D): this rank's heads of q, k and v
         q, k, v = qkv.split([self.n_heads * hd, self.n_kv_heads * hd, self.n_kv_heads * hd], -1)
@@ -124,6 +140,16 @@ class Attention(nn.Module):
         k = rearrange(k, "b s (h d) -> b s h d", d=hd)
         v = rearrange(v, "b s (h d) -> b s h d", d=hd)
         q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)
+        if self.cp_group is not None:
+            if cache is not None:
+                raise ValueError("Attention: a KV cache (generation) and context parallelism "
+                                 "do not mix; generate with the gathered model")
+            # ring attention: this rank's queries (B, S/cp, Hq, D) against every rank's keys,
+            # the K/V shards passed around the cp group (zigzag layout, as split_sequence)
+            o = context_parallel_attention(q.contiguous(), k.contiguous(), v.contiguous(),
+                                           causal=True, group=self.cp_group,
+                                           load_balance=True, impl=self.impl)
+            return self.wo(rearrange(o, "b s h d -> b s (h d)"))
         if cache is not None:  # decoding: the new queries attend to every cached key
             k, v = cache.update(self.layer_id, k, v)  # (B, L + S, Hkv, D)
         # causal, aligned bottom-right when seqlen_q < seqlen_k (the KV-cache case)
@@ -219,6 +245,9 @@ class DeepSeekLM(nn.Module):
             self.head = nn.Linear(cfg.hidden_size, cfg.vocab_size, bias=False)
         self.cross_entropy = cross_entropy_reference  # (N, V) logits, (N,) targets -> mean
         self.seq_shards = 1  # the stream between blocks is (B, S / seq_shards, d) (SP: tp)
+        # context parallelism (parallelize, step 3): the cp group and its size; the tokens and
+        # the stream are then this rank's zigzag shard, (B, S/cp) and (B, S/cp[/tp], d)
+        self.cp_group, self.cp = None, 1
         if not lazy:
             self.materialize_()
 
@@ -257,6 +286,7 @@ class DeepSeekLM(nn.Module):
         nn.Module.__init__(c)
         c.cfg, c.seed = self.cfg, self.seed
         c.cross_entropy, c.seq_shards = self.cross_entropy, self.seq_shards
+        c.cp_group, c.cp = self.cp_group, self.cp
         c.embed = self.embed if first else None
         c.layers = nn.ModuleDict({str(i): self.layers[str(i)] for i in layer_ids})
         c.norm, c.head = (self.norm, self.head) if last else (None, None)
@@ -270,10 +300,26 @@ class DeepSeekLM(nn.Module):
     def last(self) -> bool:
         return self.head is not None
 
+    def positions(self, seq: int, device=None, *, start: int = 0) -> torch.Tensor:
+        """Positions (seq,) int64 of this rank's `seq` tokens in the whole sequence:
+        [start, start + seq), or under context parallelism this rank's share of
+        arange(seq * cp) as `split_sequence` lays it out (zigzag: chunks r and 2cp-1-r of
+        2cp, so with cp = 2 and S = 8 rank 0 holds positions [0, 1, 6, 7]). Computed with the
+        layout function itself, never assumed contiguous: RoPE must rotate each token by its
+        true position for the ranks to compute the single-device model."""
+        if self.cp == 1:
+            return torch.arange(start, start + seq, device=device)
+        if start:
+            raise ValueError("DeepSeekLM.positions: context parallelism starts at position 0")
+        whole = torch.arange(seq * self.cp, device=device)
+        return split_sequence(whole, dim=0, group=self.cp_group, load_balance=True)
+
     # ---------------------------------------------------------------- forward
     def forward(self, x: torch.Tensor, targets: torch.Tensor | None = None, *,
                 cache: KVCache | None = None):
         """x: tokens (B, S) int64 (or, without the embedding, the stream (B, S_local, d)).
+        Under context parallelism S is this rank's S/cp tokens (`split_sequence` of the whole
+        sequence), targets likewise, and the loss is the mean over these local tokens.
 
         Returns the stream (B, S_local, d) when this chunk has no head, else the logits
         (B, S, V) (V/tp under TP), or with `targets` (B, S) the mean cross-entropy (fp32).
@@ -285,7 +331,9 @@ class DeepSeekLM(nn.Module):
         else:
             seq, h = x.shape[1] * self.seq_shards, x
         start = cache.length if cache is not None else 0
-        cos, sin = rope_cache(seq, self.cfg.head_dim, self.cfg.rope_theta, h.device, start=start)
+        pos = self.positions(seq, h.device, start=start)  # (S_here,): zigzag under CP
+        cos, sin = rope_cache(seq, self.cfg.head_dim, self.cfg.rope_theta, h.device,
+                              positions=pos)
         residual = None
         for layer in self.layers.values():
             h, residual = layer(h, residual, cos, sin, cache)

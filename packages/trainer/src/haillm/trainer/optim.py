@@ -8,7 +8,9 @@ a thin wrapper around `Zero1AdamW` (DeepSeek section 2.4: "ZeRO-1 ... gradients 
 in fp32") that adds only what a 3D layout needs:
 
 * the global gradient norm over TP and PP as well (`model_parallel_groups`), with the norm
-  weights that every TP rank holds counted once (`count_in_norm`, from the shard plan);
+  weights that every TP rank holds counted once (`count_in_norm`, from the shard plan); not
+  over CP: the CP ranks hold the same parameters, their ZeRO-1 shards are already summed over
+  the dp x cp group the optimizer shards over (unsharded, every rank has the whole norm);
 * no weight decay on the norm weights (the shard plan's replicated parameters);
 * the switch the pipeline executor flips before the last micro-batch's backward
   (`start_last_microbatch`), which starts the bucketed reduction during that backward.
@@ -79,9 +81,10 @@ class Optimizer:
             count_in_norm=lambda n, p: dims.tp_rank == 0 or not replicated(n))
         self.zdp.set_grad_sync(False)
         self.comm_time = 0.0
-        self.description = ("haillm.zero.Zero1AdamW (" + ("fp32 master weights and moments "
-                            "sharded over DP" if self.zdp_sharded else "unsharded: full "
-                            "fp32 state on every DP rank") + ", fused AdamW, fp64 grad norm)")
+        over = "DP x CP" if dims.cp > 1 else "DP"  # parallelize step 7: the dp x cp group
+        self.description = ("haillm.zero.Zero1AdamW (" + (f"fp32 master weights and moments "
+                            f"sharded over {over}" if self.zdp_sharded else "unsharded: full "
+                            f"fp32 state on every {over} rank") + ", fused AdamW, fp64 grad norm)")
 
     @property
     def zdp_sharded(self) -> bool:

@@ -3,7 +3,7 @@
     DeepSeekLM (meta: structure, no memory)
       1. fused ops     norms, SwiGLU, attention impl, cross-entropy: the packages' kernels
       2. TP / SP       haillm.parallel layers per the shard plan (column / row / vocab)
-      3. CP            (ring attention: next)
+      3. CP            ring attention over the cp group; RoPE at the zigzag positions
       4. recompute     (activation checkpointing: next)
       5. pipeline      split into chunks (virtual stage c*pp + s is chunk c of stage s)
       6. values        this rank's slices only, one parameter at a time (seed, checkpoint, HF)
@@ -14,7 +14,8 @@ are those of `shard_plan` on every layout, which is what lets a checkpoint of on
 into another. The order matters where transforms meet: TP swaps modules before the pipeline
 split keeps some of them; values are drawn after the split and the swap, so a rank never
 allocates what it does not own (the 67B stage build); ZeRO comes last because it turns the
-final parameters into views of its flat buffers. torchtitan's `parallelize_llama` is the
+final parameters into views of its flat buffers; under CP it reduces over dp x cp (every
+CP rank holds the same parameters and saw other tokens). torchtitan's `parallelize_llama` is the
 model (its order: TP, activation checkpointing, compile, FSDP; pipeline splitting first).
 """
 
@@ -37,8 +38,8 @@ from haillm.trainer.model import MLP, Attention, DeepSeekLM, init_value
 from haillm.trainer.shard_plan import param_specs, tp_plan
 from haillm.zero import ZeroDataParallel
 
-__all__ = ["DTYPES", "ModelChunks", "apply_data_parallel", "apply_fused_ops",
-           "apply_tensor_parallel", "materialize", "parallelize", "split_layers",
+__all__ = ["DTYPES", "ModelChunks", "apply_context_parallel", "apply_data_parallel",
+           "apply_fused_ops", "apply_tensor_parallel", "materialize", "parallelize", "split_layers",
            "split_pipeline"]
 
 DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}
@@ -122,6 +123,34 @@ def apply_tensor_parallel(model: DeepSeekLM, dims: ParallelDims, p: ParallelConf
             "sequence parallel": "on" if sp else "off"}
 
 
+# ------------------------------------------------------------------------------ 3. CP
+def apply_context_parallel(model: DeepSeekLM, dims: ParallelDims, p: ParallelConfig
+                           ) -> dict[str, str]:
+    """Context parallelism (ring attention, Liu et al. 2023; Megatron-core's CP), in place;
+    cp = 1: nothing changes.
+
+    Every `Attention` calls `haillm.parallel.context_parallel_attention` over `dims.cp_group`
+    (zigzag layout, `load_balance=True`; its block computations use the attention impl that
+    step 1 chose), and the model computes RoPE at the positions of this rank's chunks
+    (`DeepSeekLM.positions`). The caller feeds each CP rank `split_sequence` of the same
+    sequences' tokens and targets: (B, S/cp), so the stream is (B, S/cp[/tp], d). Nothing
+    else changes: the weights are replicated over CP (their gradients reduce over dp x cp in
+    step 7), and the loss is the mean over the local tokens, which the dp x cp gradient
+    average turns into the mean over the whole batch (every rank holds B*S/cp tokens).
+    """
+    if dims.cp == 1:
+        return {}
+    g = dims.cp_group
+    impl = None
+    for m in model.modules():
+        if isinstance(m, Attention):
+            m.cp_group, impl = g, m.impl
+    model.cp_group, model.cp = g, dims.cp
+    return {"context parallel": f"haillm.parallel.context_parallel_attention (ring over "
+                                f"cp={dims.cp} ranks, zigzag layout; blocks: flash_attention "
+                                f"impl={impl}); RoPE at the zigzag positions"}
+
+
 # ------------------------------------------------------------------------------ 5. pipeline
 def split_pipeline(model: DeepSeekLM, dims: ParallelDims, p: ParallelConfig
                    ) -> tuple[list[DeepSeekLM], DeepSeekLM]:
@@ -167,13 +196,17 @@ def apply_data_parallel(local: DeepSeekLM, dims: ParallelDims, p: ParallelConfig
                         ) -> tuple[ZeroDataParallel, dict[str, str]]:
     """Gradient synchronisation: the SP norm-weight gradients summed over TP (tensor hooks,
     before `.grad` accumulates), then `haillm.zero.ZeroDataParallel` (fp32 main grads,
-    bucketed reduce-scatter, or all-reduce with ZeRO off, started from the last backward)."""
+    bucketed reduce-scatter, or all-reduce with ZeRO off, started from the last backward)
+    over dp x cp: the CP ranks hold the same parameters like DP replicas (Megatron-core's
+    data-parallel-with-CP group); `dims.dp_cp_group` is the dp group when cp = 1."""
     if dims.tp > 1 and p.sequence_parallel:
         local._sp_hooks = register_sequence_parallel_grad_hooks(local, dims.tp_group)
-    zdp = ZeroDataParallel(local, dp_group=dims.dp_group, bucket_mb=4.0,
+    zdp = ZeroDataParallel(local, dp_group=dims.dp_cp_group, bucket_mb=4.0,
                            overlap=p.overlap_grad_reduce, shard=p.zero)
-    what = ("haillm.zero.ZeroDataParallel (ZeRO-1: fp32 main grads, bucketed reduce-scatter)"
-            if p.zero else "haillm.zero.ZeroDataParallel (shard=False: all-reduce, plain DP)")
+    over = "DP x CP" if dims.cp > 1 else "DP"
+    what = (f"haillm.zero.ZeroDataParallel (ZeRO-1 over {over}: fp32 main grads, bucketed "
+            "reduce-scatter)" if p.zero else
+            f"haillm.zero.ZeroDataParallel (shard=False: all-reduce over {over}, plain DP)")
     return zdp, {"data parallel": what}
 
 
@@ -185,20 +218,20 @@ def parallelize(model: DeepSeekLM, dims: ParallelDims, cfg: Config, *,
     Args:
         model: a `DeepSeekLM`, normally lazy (meta parameters); an eager one works too (its
             weights are sliced instead of drawn).
-        dims: a built `ParallelDims` (dp, tp, pp; cp must be 1 for now).
+        dims: a built `ParallelDims` (dp, cp, tp, pp).
         cfg: the run's config (`parallel` switches, `train.precision`, `run.device`).
         source: ``source(name) -> full fp32 tensor``: where values come from (default the
             seeded init; a checkpoint or a Hugging Face folder reader).
         data_parallel: apply step 7 (ZeRO-1 / DDP); False for inference or tests.
 
     Returns:
-        `ModelChunks`: with pp = 1 one chunk mapping (tokens, targets) to the mean loss.
+        `ModelChunks`: with pp = 1 one chunk mapping (tokens, targets) to the mean loss
+        (under CP: this rank's `split_sequence` shards (B, S/cp) of both, the local mean).
     """
     p = cfg.parallel
-    if dims.cp != 1:
-        raise NotImplementedError("context parallelism is not wired into the trainer yet")
     wiring = apply_fused_ops(model, p)
     wiring.update(apply_tensor_parallel(model, dims, p))
+    wiring.update(apply_context_parallel(model, dims, p))
     chunks, local = split_pipeline(model, dims, p)
     device = torch.device(cfg.run.device)
     if device.type == "cuda":

@@ -1,8 +1,9 @@
 """The training loop of one rank: everything composed.
 
-    ParallelDims (dp x tp x pp) -> data (sampler sharded over DP) -> `parallelize(DeepSeekLM)`
-    (this rank's chunks: fused ops, TP/SP, pipeline split, its slices of the seeded weights,
-    ZeRO-1) -> per step: pipeline schedule over M micro-batches with fp32 grad accumulation ->
+    ParallelDims (dp x cp x tp x pp) -> data (sampler sharded over DP; each CP rank keeps its
+    zigzag shard of every sequence) -> `parallelize(DeepSeekLM)` (this rank's chunks: fused
+    ops, TP/SP, CP, pipeline split, its slices of the seeded weights, ZeRO-1 over dp x cp)
+    -> per step: pipeline schedule over M micro-batches with fp32 grad accumulation ->
     ZeRO-1 reduce-scatter started in the last backward -> clipped AdamW on the shard ->
     all-gather -> metrics. At the end: validation, a generated sample, and one final model,
     `<out>/model.safetensors`: the fp32 master weights under the shard plan's names (the same
@@ -26,7 +27,7 @@ from pathlib import Path
 import torch
 import torch.distributed as dist
 
-from haillm.parallel import ParallelDims
+from haillm.parallel import ParallelDims, split_sequence
 from haillm.trainer.checkpoint import Checkpointer, logical_tensors
 from haillm.trainer.config import Config, ConfigError, dump_toml
 from haillm.trainer.data import Sampler, build_dataset_on_nodes
@@ -58,6 +59,27 @@ def _world_sums(xs: list[float], dims: ParallelDims) -> list[float]:
 
 def _world_sum(x: float, dims: ParallelDims) -> float:
     return _world_sums([x], dims)[0]
+
+
+def _reports_loss(dims: ParallelDims) -> bool:
+    """Whether this rank's loss enters the logged mean: the last stage's TP rank 0 of every
+    (dp, cp) position (the TP ranks of one position hold the same vocab-parallel loss)."""
+    return dims.is_last_stage and dims.tp_rank == 0
+
+
+def _loss_mean(loss_sum: float, dims: ParallelDims) -> float:
+    """The logged loss from the world sum of the reporting ranks' losses: their mean over the
+    dp x cp positions. Each is the mean over B*S/cp tokens (equal counts: no padding), so
+    this is the mean over the whole global batch, as one process would compute it."""
+    return loss_sum / (dims.dp * dims.cp)
+
+
+def _cp_shard(t: torch.Tensor, dims: ParallelDims) -> torch.Tensor:
+    """This CP rank's zigzag shard (B, S/cp) of a micro-batch's tokens or targets (B, S):
+    chunks cp_rank and 2cp-1-cp_rank of 2cp (`haillm.parallel.split_sequence`)."""
+    if dims.cp == 1:
+        return t
+    return split_sequence(t, dim=1, group=dims.cp_group, load_balance=True)
 
 
 class GracefulStop:
@@ -119,10 +141,10 @@ def evaluate(step: PipelineStep, ds, dims: ParallelDims, cfg: Config, device) ->
     per_rank = len(idx) // dims.dp
     mine = idx[dims.dp_rank * per_rank:(dims.dp_rank + 1) * per_rank]
     batches = [ds.val_batch(mine[j:j + mbs]) for j in range(0, len(mine), mbs)]
-    losses = step.evaluate([x.to(device) for x, _ in batches], [y.to(device) for _, y in batches])
-    mine_loss = sum(losses) / max(len(losses), 1) if (
-        dims.is_last_stage and dims.tp_rank == 0) else 0.0
-    return _world_sum(mine_loss, dims) / dims.dp
+    losses = step.evaluate([_cp_shard(x, dims).to(device) for x, _ in batches],
+                           [_cp_shard(y, dims).to(device) for _, y in batches])
+    mine_loss = sum(losses) / max(len(losses), 1) if _reports_loss(dims) else 0.0
+    return _loss_mean(_world_sum(mine_loss, dims), dims)
 
 
 @torch.no_grad()
@@ -131,7 +153,7 @@ def _gather_model(chunks, opt: Optimizer, dims: ParallelDims, cfg: Config) -> De
     master = opt.opt.full_state_dict()["master"]  # this rank's parameters, over DP
     part = logical_tensors(chunks, master)  # full over TP (the shard plan's gather)
     if dims.world_size > 1:
-        keep = part if (dims.dp_rank == 0 and dims.tp_rank == 0) else None
+        keep = part if (dims.dp_rank == 0 and dims.tp_rank == 0 and dims.cp_rank == 0) else None
         parts = [None] * dims.world_size if dims.rank == 0 else None
         dist.gather_object(keep, parts, dst=0)
         if dims.rank != 0:
@@ -175,7 +197,7 @@ def train(cfg: Config, *, stream=None, overwrite: bool = False) -> dict:
     cfg.validate(world)
     p, t, m = cfg.parallel, cfg.train, cfg.model
     check_device(cfg, int(os.environ.get("LOCAL_WORLD_SIZE", 1)) if world > 1 else 1)
-    dims = ParallelDims(dp=p.dp, tp=p.tp, pp=p.pp).build()
+    dims = ParallelDims(dp=p.dp, tp=p.tp, pp=p.pp, cp=p.cp).build()
     out = Path(cfg.run.out)
     is_rank0 = dims.rank == 0
     t_start = time.perf_counter()
@@ -214,7 +236,8 @@ def train(cfg: Config, *, stream=None, overwrite: bool = False) -> dict:
         source.close()
     opt = Optimizer(chunks, t)
     mbs = cfg.micro_batch_size
-    s_local = m.seq_len // p.tp if (p.sequence_parallel and p.tp > 1) else m.seq_len
+    s_local = m.seq_len // p.cp  # CP: this rank's zigzag shard of every sequence
+    s_local //= p.tp if (p.sequence_parallel and p.tp > 1) else 1  # SP splits it over TP
     act_shape = (mbs, s_local, m.hidden_size)  # the residual stream between stages
     v = len(chunks)
     pkg_step = PipelineStep(chunks, schedule=p.pipeline_schedule, act_shape=act_shape,
@@ -233,7 +256,8 @@ def train(cfg: Config, *, stream=None, overwrite: bool = False) -> dict:
                         log_every=cfg.run.log_every, stream=stream)
     if is_rank0:
         say = (lambda s: print(s, file=stream, flush=True))
-        say(f"haillm-train: {m.n_params() / 1e6:.2f}M params | layout dp={p.dp} tp={p.tp} "
+        cp = f" cp={p.cp}" if p.cp > 1 else ""
+        say(f"haillm-train: {m.n_params() / 1e6:.2f}M params | layout dp={p.dp}{cp} tp={p.tp} "
             f"pp={p.pp} (world {dims.world_size}) | {p.microbatches} micro-batches of {mbs} x "
             f"{m.seq_len} tokens | {t.precision} | {ds.n_train} train / {ds.n_val} val windows")
         wiring = {"rank grid": "haillm.parallel.ParallelDims", **chunks.wiring,
@@ -255,16 +279,17 @@ def train(cfg: Config, *, stream=None, overwrite: bool = False) -> dict:
             idx = sampler.next_global()
             micro = Sampler.shard(idx, p.dp, dims.dp_rank, p.microbatches)
             batches = [ds.batch(mb) for mb in micro]
-            xs = [b[0].to(device) for b in batches]
-            ys = [b[1].to(device) for b in batches]
+            # the CP ranks of one DP rank got the same sequences; each keeps its chunks
+            xs = [_cp_shard(b[0], dims).to(device) for b in batches]
+            ys = [_cp_shard(b[1], dims).to(device) for b in batches]
             lr = lr_at(step, t)
             loss_sum = pkg_step(xs, ys, times=times)
             gnorm, found_inf = opt.step(lr)
-            mine = loss_sum.item() if (dims.is_last_stage and dims.tp_rank == 0) else 0.0
+            mine = loss_sum.item() if _reports_loss(dims) else 0.0
             # the stop requests ride along with the loss: every rank stops after the same step
             n_int, n_term = float(stop.signum == signal.SIGINT), float(stop.signum == signal.SIGTERM)
             loss, n_int, n_term = _world_sums([mine, n_int, n_term], dims)
-            loss /= p.dp
+            loss = _loss_mean(loss, dims)
             stops = n_int + n_term
             if not math.isfinite(loss) and t.precision != "fp16":
                 raise FloatingPointError(f"non-finite loss {loss} at step {step + 1}")
