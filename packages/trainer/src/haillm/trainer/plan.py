@@ -72,8 +72,8 @@ from haillm.trainer.config import PRESETS, Config, ConfigError, load_config
 from haillm.trainer.metrics import flops_per_token
 from haillm.trainer.parallelize import split_layers
 
-__all__ = ["Plan", "activation_bytes", "korthikanti_bytes", "plan", "plan_config",
-           "plan_table", "recompute_flops_per_token", "state_bytes"]
+__all__ = ["Plan", "activation_bytes", "block_bytes", "korthikanti_bytes", "plan", "plan_config",
+           "plan_table", "recompute_flops_per_token", "recompute_workspace", "state_bytes"]
 
 BYTES = {"bf16": 2, "fp16": 2, "fp32": 4}
 
