@@ -15,7 +15,7 @@ CUDA):
   rebuilt in its backward) and the transient gradients; the plan's column is saved +
   `recompute_workspace`;
 * **step time**: forward + backward (CUDA: median of `harness.time_fn`; CPU: the modes timed
-  interleaved, the fastest of 7 rounds each), and the plan's extra FLOPs
+  interleaved, the fastest of 15 rounds each), and the plan's extra FLOPs
   (`recompute_flops_per_token`).
 
 Then the planner for the paper's 67B layout (dp = 8, tp = 8, pp = 4, 16 micro-batches, bf16,
@@ -51,9 +51,9 @@ MODELS = {
     "tiny": [],
     "wide": ["model.hidden_size=512", "model.intermediate_size=1376", "model.n_heads=8",
              "model.n_kv_heads=8", "model.n_layers=6"],
-    "wide, plain SwiGLU": ["model.hidden_size=512", "model.intermediate_size=1376",
-                           "model.n_heads=8", "model.n_kv_heads=8", "model.n_layers=6",
-                           "parallel.fused_swiglu=false"],
+    "wide-plain": ["model.hidden_size=512", "model.intermediate_size=1376",
+                   "model.n_heads=8", "model.n_kv_heads=8", "model.n_layers=6",
+                   "parallel.fused_swiglu=false"],
 }
 B = 2
 PAGE = "recompute.md"
@@ -81,7 +81,7 @@ def saved_bytes(chunk, x) -> int:
     return sum(seen.values())
 
 
-def measure(model: str, device: str, rounds: int = 7) -> dict[str, dict]:
+def measure(model: str, device: str, rounds: int = 15) -> dict[str, dict]:
     """Every mode of `model`: saved bytes, plan, and the step time. On CPU the modes are
     timed interleaved, `rounds` times, and the fastest round of each is kept: on a shared
     machine the minimum is the estimate that other processes' load disturbs least."""
@@ -133,7 +133,7 @@ def figure(results: dict, device: str) -> Path:
 
     fig, axes = plt.subplots(1, 2, figsize=(12, 4.2))
     width = 0.38
-    labels = [f"{mo.replace(', ', chr(10))}\n{mode}" for mo in MODELS for mode in MODES]
+    labels = [f"{mo}\n{mode}" for mo in MODELS for mode in MODES]
     xs = range(len(labels))
     saved = [results[mo][mode]["saved"] / 2**20 for mo in MODELS for mode in MODES]
     planned = [results[mo][mode]["plan"] / 2**20 for mo in MODELS for mode in MODES]
@@ -190,9 +190,9 @@ def main() -> None:
     notes = (f"One rank (dp = tp = pp = 1), one micro-batch of {B} x {cfg.model.seq_len} tokens, "
              f"{cfg.train.precision}, the CPU defaults (fused ops on: their PyTorch paths; "
              f"tiled flash attention). `tiny`: d = 128, 4 layers, f = 344; `wide`: d = 512, "
-             f"6 layers, f = 1376, 8 heads; *plain SwiGLU*: `parallel.fused_swiglu = false` "
+             f"6 layers, f = 1376, 8 heads; `wide-plain`: the same with `parallel.fused_swiglu = false` "
              f"(the GEMM, then silu(gate) * up: what selective checkpoints). Measured on {device_name(a.device)} with "
-             "`benchmarks/recompute.py` (time: fastest of 7 interleaved rounds). *saved*: bytes autograd keeps for backward after the "
+             "`benchmarks/recompute.py` (time: fastest of 15 interleaved rounds). *saved*: bytes autograd keeps for backward after the "
              "forward (what each micro-batch in flight holds); *plan*: "
              "`haillm.trainer.plan.activation_bytes`.")
     text = write_table(PAGE, f"Saved activations and step time per mode ({a.device})",
