@@ -41,7 +41,7 @@ from haillm.trainer.config import ModelConfig
 from haillm.trainer.shard_plan import ParamSpec, param_specs
 
 __all__ = ["Attention", "Block", "DeepSeekLM", "KVCache", "MLP", "apply_rope", "init_value",
-           "rope_cache", "sample_next"]
+           "rope_cache", "sample_next", "swiglu"]
 
 
 def _draw(cfg: ModelConfig, seed: int, name: str, shape) -> torch.Tensor:
