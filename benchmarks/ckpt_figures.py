@@ -10,19 +10,18 @@ import matplotlib
 matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402
 
-from haillm.trainer import load_config  # noqa: E402
-from haillm.trainer.plan import Layout, plan  # noqa: E402
+from haillm.trainer.plan import plan, plan_config  # noqa: E402
 
 IMG = Path(__file__).resolve().parents[1] / "docs" / "tutorials" / "img"
 
 CASES = [
-    ("7B\ndp=8", "deepseek-7b", Layout(dp=8, microbatches=4)),
-    ("7B\ndp=8 tp=2", "deepseek-7b", Layout(dp=8, tp=2, microbatches=4)),
-    ("7B\ndp=4 tp=2 pp=2", "deepseek-7b", Layout(dp=4, tp=2, pp=2, microbatches=8)),
-    ("67B\ndp=8 tp=8 pp=4", "deepseek-67b", Layout(dp=8, tp=8, pp=4, microbatches=16)),
-    ("67B\n(no SP)", "deepseek-67b", Layout(dp=8, tp=8, pp=4, microbatches=16,
-                                             sequence_parallel=False)),
-    ("67B\ndp=16 tp=8 pp=8", "deepseek-67b", Layout(dp=16, tp=8, pp=8, microbatches=32)),
+    ("7B\ndp=8", "deepseek-7b", dict(dp=8, microbatches=4)),
+    ("7B\ndp=8 tp=2", "deepseek-7b", dict(dp=8, tp=2, microbatches=4)),
+    ("7B\ndp=4 tp=2 pp=2", "deepseek-7b", dict(dp=4, tp=2, pp=2, microbatches=8)),
+    ("67B\ndp=8 tp=8 pp=4", "deepseek-67b", dict(dp=8, tp=8, pp=4, microbatches=16)),
+    ("67B\n(no SP)", "deepseek-67b", dict(dp=8, tp=8, pp=4, microbatches=16,
+                                           sequence_parallel=False)),
+    ("67B\ndp=16 tp=8 pp=8", "deepseek-67b", dict(dp=16, tp=8, pp=8, microbatches=32)),
 ]
 
 
@@ -31,7 +30,7 @@ def memory_figure() -> None:
     colors = ["#4C72B0", "#DD8452", "#55A868", "#C44E52"]
     fig, ax = plt.subplots(figsize=(9, 4.2))
     for x, (_label, preset, lay) in enumerate(CASES):
-        p = plan(load_config(preset).model, lay)[0]  # stage 0: the most in-flight micro-batches
+        p = plan(plan_config(preset, **lay))[0]  # stage 0: the most in-flight micro-batches
         bottom = 0.0
         for part, c in zip(parts, colors):
             v = getattr(p, part) / 2**30

@@ -33,6 +33,10 @@ def train_parser() -> argparse.ArgumentParser:
     ap.add_argument("--microbatches", type=int, help="micro-batches per step and DP rank")
     ap.add_argument("--steps", type=int, help="optimizer steps")
     ap.add_argument("--precision", choices=["bf16", "fp16", "fp32"])
+    # checked by the config (one `error:` line, exit 2), like --set parallel.recompute=...
+    ap.add_argument("--recompute", metavar="none|selective|full", help="activation "
+                    "recomputation: full blocks, or the norms and SwiGLU activation "
+                    "(parallel.recompute; parallel.recompute_layers=N: first N per chunk)")
     ap.add_argument("--device", choices=["cpu", "cuda"])
     ap.add_argument("--nproc", type=int, help="start this many local ranks (torch's elastic "
                     "launcher); default: 1, or the environment under torchrun")
@@ -62,6 +66,7 @@ def build_config(args: argparse.Namespace) -> Config:
         "cp": ("parallel", "cp"),
         "microbatches": ("parallel", "microbatches"), "steps": ("train", "steps"),
         "precision": ("train", "precision"), "device": ("run", "device"), "out": ("run", "out"),
+        "recompute": ("parallel", "recompute"),
         "save_every": ("run", "save_every"), "exit_after": ("run", "exit_after"),
     }.items():
         v = getattr(args, flag)

@@ -194,6 +194,13 @@ class ParallelConfig:
     """Merged gate-up projection through the fused `linear_swiglu` GEMM."""
     fused_cross_entropy: bool = True
     """In-place cross-entropy (or the vocab-parallel one under TP)."""
+    recompute: str = "none"
+    """Activation recomputation (`haillm.trainer.recompute`): `none`, `selective` (keep the
+    GEMM inputs, recompute the norms and the SwiGLU activation in backward) or `full` (keep
+    only each block's input, recompute the block)."""
+    recompute_layers: int = 0
+    """With `recompute`: only the first N blocks of each model chunk (Megatron's "block"
+    method); 0: all of them."""
 
 
 @dataclass
@@ -340,10 +347,12 @@ RANGES: dict[tuple[str, str], tuple[tuple[float, bool] | None, tuple[float, bool
     ("train", "eps"): _GT0, ("train", "weight_decay"): _GE0, ("train", "grad_clip"): _GE0,
     ("train", "eval_every"): _GE0, ("train", "eval_batches"): _GE1,
     **{("parallel", k): _GE1 for k in ("dp", "tp", "pp", "cp", "microbatches", "chunks")},
+    ("parallel", "recompute_layers"): _GE0,
     ("run", "log_every"): _GE1, ("run", "save_every"): _GE0, ("run", "exit_after"): _GE0,
     ("run", "keep_checkpoints"): _GE0, ("run", "sample_tokens"): _GE0,
 }
 RANGE_HINTS = {("run", "save_every"): " (0: only at the end)",
+               ("parallel", "recompute_layers"): " (0: every block)",
                ("run", "exit_after"): " (0: run to the end)",
                ("run", "keep_checkpoints"): " (0: keep all)",
                ("train", "eval_every"): " (0: no validation)"}
@@ -352,6 +361,7 @@ CHOICES = [("data", "bin_dtype", ("uint16", "uint32")),
            ("train", "schedule", ("multistep", "cosine", "constant")),
            ("parallel", "pipeline_schedule", ("1f1b", "gpipe", "interleaved")),
            ("parallel", "attention", ("auto", "tiled", "triton", "reference")),
+           ("parallel", "recompute", ("none", "selective", "full")),
            ("run", "device", ("cpu", "cuda"))]
 
 

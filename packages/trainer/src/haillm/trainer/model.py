@@ -43,7 +43,7 @@ from haillm.trainer.config import ModelConfig
 from haillm.trainer.shard_plan import ParamSpec, param_specs
 
 __all__ = ["Attention", "Block", "DeepSeekLM", "KVCache", "MLP", "apply_rope", "init_value",
-           "rope_cache", "sample_next"]
+           "rope_cache", "sample_next", "swiglu"]
 
 
 def _draw(cfg: ModelConfig, seed: int, name: str, shape) -> torch.Tensor:
@@ -158,6 +158,11 @@ class Attention(nn.Module):
         return self.wo(rearrange(o, "b s h d -> b s (h d)"))
 
 
+def swiglu(gate: torch.Tensor, up: torch.Tensor) -> torch.Tensor:
+    """silu(gate) * up, elementwise: (..., f) x (..., f) -> (..., f)."""
+    return F.silu(gate) * up
+
+
 class MLP(nn.Module):
     """SwiGLU: down(silu(x W_gate^T) * (x W_up^T)), gate and up as one merged weight."""
 
@@ -167,12 +172,13 @@ class MLP(nn.Module):
         self.w_gate_up = nn.Linear(d, 2 * f, bias=False)
         self.w_down = nn.Linear(f, d, bias=False)
         self.impl = "reference"  # "reference": the plain GEMM then silu * up
+        self.activation = swiglu  # selective recomputation checkpoints it (recompute.py)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         """x (B, S, d) -> (B, S, d) (under SP both (B, S/tp, d))."""
         if self.impl == "reference":
             gate, up = self.w_gate_up(x).chunk(2, dim=-1)  # (B, S, f[/tp]) each
-            return self.w_down(F.silu(gate) * up)
+            return self.w_down(self.activation(gate, up))
         # fused: one GEMM with the SwiGLU in its epilogue. Under TP it reads the layer's input
         # region itself (the SP all-gather, or Megatron's f) and this rank's [gate; up] rows.
         region = getattr(self.w_gate_up, "input_region", None)

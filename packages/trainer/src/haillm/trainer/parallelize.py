@@ -4,7 +4,7 @@
       1. fused ops     norms, SwiGLU, attention impl, cross-entropy: the packages' kernels
       2. TP / SP       haillm.parallel layers per the shard plan (column / row / vocab)
       3. CP            ring attention over the cp group; RoPE at the zigzag positions
-      4. recompute     (activation checkpointing: next)
+      4. recompute     activation recomputation: full blocks or the norms + SwiGLU (recompute.py)
       5. pipeline      split into chunks (virtual stage c*pp + s is chunk c of stage s)
       6. values        this rank's slices only, one parameter at a time (seed, checkpoint, HF)
       7. ZeRO-1 / DDP  haillm.zero: fp32 main grads, sharded (or replicated) optimizer state
@@ -35,6 +35,7 @@ from haillm.parallel import (
 )
 from haillm.trainer.config import Config, ParallelConfig
 from haillm.trainer.model import MLP, Attention, DeepSeekLM, init_value
+from haillm.trainer.recompute import apply_recompute
 from haillm.trainer.shard_plan import param_specs, tp_plan
 from haillm.zero import ZeroDataParallel
 
@@ -232,6 +233,9 @@ def parallelize(model: DeepSeekLM, dims: ParallelDims, cfg: Config, *,
     wiring = apply_fused_ops(model, p)
     wiring.update(apply_tensor_parallel(model, dims, p))
     wiring.update(apply_context_parallel(model, dims, p))
+    # 4: before the split, so that `recompute_layers` counts within each (virtual) stage
+    wiring.update(apply_recompute(
+        model, dims.pp * (p.chunks if p.pipeline_schedule == "interleaved" else 1), p))
     chunks, local = split_pipeline(model, dims, p)
     device = torch.device(cfg.run.device)
     if device.type == "cuda":
