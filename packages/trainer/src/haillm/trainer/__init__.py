@@ -5,8 +5,10 @@
 * `data`: the embedded corpus (Python's stdlib sources), byte-level BPE, packing, sampler.
 * `model`: `DeepSeekLM`, the one model class (plain modules; a pipeline chunk is one too);
   `shard_plan`: every parameter's shape, TP rule, merged parts and Hugging Face name.
-* `parallelize`: the transforms, in order (fused ops -> TP/SP -> pipeline split -> values ->
-  ZeRO-1/DDP), that make the model one rank's share of a dp x tp x pp run.
+* `parallelize`: the transforms, in order (fused ops -> TP/SP -> CP -> recompute -> pipeline
+  split -> values -> ZeRO-1/DDP), that make the model one rank's share of a dp x cp x tp x pp
+  run; `recompute`: activation recomputation (full or selective).
+* `hf`: Hugging Face Llama folders in and out (`haillm-export --hf`, `--init-from`).
 * `optim`: `haillm.zero`'s ZeRO-1 AdamW wired for a 3D layout, the paper's LR schedule.
 * `train`: the loop (steps through `haillm.pipeline`'s executor); `launch`/`cli`: the ranks.
 """
