@@ -268,8 +268,11 @@ def test_init_from_any_layout_then_export_is_identical(hf_folder, text_corpus, t
     from haillm.trainer.cli import build_config, train_parser
 
     original = _original(hf_folder)
-    # (1,1,1) through the command line, in this process
-    assert train_main(_init_args(hf_folder, text_corpus, tmp_path / "111")) == 0
+    # (1,1,1) through the command line, in this process, training in bf16: the fp32 masters
+    # must still be the folder's own weights (not the bf16 copy's)
+    bf16 = [a if a != "fp32" else "bf16" for a in _init_args(hf_folder, text_corpus,
+                                                               tmp_path / "111")]
+    assert train_main(bf16) == 0
     runs = [tmp_path / "111"]
     for dp, tp, pp in [(1, 2, 2), (2, 2, 2)]:
         out = tmp_path / f"{dp}{tp}{pp}"

@@ -164,6 +164,24 @@ def _gather_model(chunks, opt: Optimizer, dims: ParallelDims, cfg: Config) -> De
     return model.eval()
 
 
+@torch.no_grad()
+def _masters_from(source, chunks, opt: Optimizer) -> None:
+    """The fp32 master weights of an `--init-from` run, read again from the folder: the
+    optimizer would otherwise take them from the bf16/fp16 training copy that `parallelize`
+    made, whose low bits are gone (a continued run must start from the folder's exact
+    weights). Moments start at zero, step 0."""
+    from haillm.trainer.shard_plan import param_specs
+
+    specs, dims = param_specs(chunks.local.cfg), chunks.dims
+    master = {n: source.local(n, specs[n], dims.tp_rank, dims.tp).float()
+              for n, _ in chunks.local.named_parameters()}
+    zeros = {n: torch.zeros_like(v) for n, v in master.items()}
+    opt.opt.load_full_state_dict({
+        "master": master, "exp_avg": zeros, "exp_avg_sq": zeros, "num_steps": 0,
+        "param_groups": [{k: v for k, v in g.items() if k != "params"}
+                         for g in opt.opt.param_groups], "loss_scaler": None})
+
+
 def check_device(cfg: Config, nproc: int = 1) -> None:
     """Raise `ConfigError` when `run.device` cannot host `nproc` local ranks (before any
     expensive work: tokenising, launching)."""
@@ -232,9 +250,11 @@ def train(cfg: Config, *, stream=None, overwrite: bool = False) -> dict:
 
         source = HFReader(t.init_from, m)
     chunks = parallelize(DeepSeekLM(m, seed=t.seed, lazy=True), dims, cfg, source=source)
-    if source is not None:
-        source.close()
     opt = Optimizer(chunks, t)
+    if source is not None:
+        if t.precision != "fp32":
+            _masters_from(source, chunks, opt)
+        source.close()
     mbs = cfg.micro_batch_size
     s_local = m.seq_len // p.cp  # CP: this rank's zigzag shard of every sequence
     s_local //= p.tp if (p.sequence_parallel and p.tp > 1) else 1  # SP splits it over TP
