@@ -177,13 +177,15 @@ def test_trainer_runs_are_identical_in_every_layout(corpus, tmp_path):
                         for d in _trainer_cfgs(corpus, tmp_path, "111", 1, 1, 1, {})]}
     layouts = {2: {"(1,1,2) interleaved, 2 chunks, first block of each":
                    (1, 1, 2, {"pipeline_schedule": "interleaved", "chunks": 2,
-                              "recompute_layers": 1})},
+                              "recompute_layers": 1}),
+                   # the recomputed ring attention re-runs its K/V exchange on every CP rank
+                   "cp=2 (ring attention)": (1, 1, 1, {"cp": 2})},
                4: {"(1,2,2) TP+SP, 1F1B": (1, 2, 2, {})},
                8: {"(2,2,2) TP+SP, 1F1B, ZeRO-1": (2, 2, 2, {})}}
     for world, named in layouts.items():
         cfgs = []
-        for name, (dp, tp, pp, extra) in named.items():
-            cfgs += _trainer_cfgs(corpus, tmp_path, f"w{world}", dp, tp, pp, extra)
+        for i, (dp, tp, pp, extra) in enumerate(named.values()):
+            cfgs += _trainer_cfgs(corpus, tmp_path, f"w{world}-{i}", dp, tp, pp, extra)
         res = run_distributed(_run_layouts, world, cfgs, timeout=300, start_method="fork")[0]
         for i, name in enumerate(named):
             runs[name] = res[3 * i:3 * i + 3]
