@@ -30,6 +30,7 @@ import sys
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).parent))
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent))  # tests.trainer.memory
 
 import torch  # noqa: E402
 from harness import DOCS, device_name, peak_memory, time_fn, write_table  # noqa: E402
@@ -45,6 +46,7 @@ from haillm.trainer.plan import (  # noqa: E402
     recompute_flops_per_token,
     recompute_workspace,
 )
+from tests.trainer.memory import saved_bytes  # noqa: E402
 
 MODES = ("none", "selective", "full")
 MODELS = {
@@ -64,21 +66,6 @@ def _cfg(model: str, mode: str, device: str):
     return load_config("tiny", overrides=[
         *MODELS[model], f"parallel.recompute={mode}", "parallel.microbatches=1",
         f"train.global_batch={B}", f"train.precision={prec}", f"run.device={device}"])
-
-
-def saved_bytes(chunk, x) -> int:
-    params = {p.untyped_storage().data_ptr() for p in chunk.parameters()}
-    seen: dict[int, int] = {}
-
-    def pack(t):
-        s = t.untyped_storage()
-        if s.data_ptr() not in params and s.nbytes() > 0:
-            seen[s.data_ptr()] = s.nbytes()
-        return t
-
-    with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
-        chunk(x, x)
-    return sum(seen.values())
 
 
 def measure(model: str, device: str, rounds: int = 15) -> dict[str, dict]:
@@ -101,7 +88,7 @@ def measure(model: str, device: str, rounds: int = 15) -> dict[str, dict]:
 
         step()  # gradients allocated: the peak below is activations (+ transient grads)
         steps[mode] = step
-        out[mode] = {"saved": saved_bytes(chunk, x),
+        out[mode] = {"saved": saved_bytes(chunk, x, x)[0],
                      "plan": activation_bytes(cfg, m.n_layers, first=True, last=True),
                      "workspace": recompute_workspace(cfg, m.n_layers),
                      "extra_flops": recompute_flops_per_token(cfg) / flops_per_token(m),
