@@ -39,6 +39,7 @@ __all__ = [
     "assert_lowp_close",
     "assert_within_roundings",
     "free_port",
+    "norm_roundings",
     "run_distributed",
     "sum_rounding",
     "tol",
@@ -184,3 +185,104 @@ def assert_within_roundings(actual: torch.Tensor, expected: torch.Tensor,
             f"{expected.reshape(-1)[i].item():.9g}| = {err.reshape(-1)[i].item():.3e} > "
             f"eps * magnitude = {allowed.reshape(-1)[i].item():.3e}"
         )
+
+
+def norm_roundings(kind: str, x: torch.Tensor, w: torch.Tensor | None, b: torch.Tensor | None,
+                   r: torch.Tensor | None, dy: torch.Tensor, dh: torch.Tensor | None,
+                   eps: float) -> dict[str, torch.Tensor]:
+    """Derived rounding bound of LayerNorm / RMSNorm (+ residual add), forward and backward,
+    element by element, in units of the arithmetic's eps (for `assert_within_roundings`).
+
+    Inputs are the exactly representable values both paths see (fp64 copies of the rounded
+    inputs); the truth is the formula in fp64 on them. Returns magnitudes for y, h (residual),
+    dx (= d residual), dw, db. u = eps / 2 is the unit roundoff; every piece below is a first-
+    order forward error bound, written for the worse of the two computations under test:
+    the centred one of the Triton kernel ((h - mean) rstd, c1 = mean(xhat w dy)) and the
+    uncentred one of ATen's CPU layer_norm (y = (h rstd - mean rstd) w + b; dx = rstd w dy +
+    b' h + c with b' = (mean Sigma w dy - Sigma w dy h) rstd^3 / N; Welford moments).
+
+    Per row (n = N, s = sum_rounding(n), M = max|h|, mean mu, c = h - mu, var v = mean(c^2),
+    rstd r = (v + eps)^-1/2, xhat = c r, kappa = M r: the condition number of centring):
+
+      mean     D   = (s + 3) M            Sigma h (s), / n (1/2), the residual's rounding of each
+                                          h (1/2); a Welford pass costs <= ((n+1)/4 + 2) M
+                                          (3 roundings a step, damped by 1 - 1/k; merges +3/2)
+      centred  E_i = D + |h_i| + |mu|     the mean's error, h's own rounding, and the subtraction
+                                          (centred form) or the two products h r, mu r (ATen)
+      variance dV  = 2 mean(|c| E) + mean(E^2) eps + (s + 2) mean((|c| + E eps)^2)
+                                          the centred errors through c^2 (the E^2 term is the
+                                          n dmu^2 of a near-constant row), square, sum, / n;
+                                          Welford's M2 has the same n kappa u order (Chan,
+                                          Golub & LeVeque 1983)
+      rstd     dr  = dV / (2 (v + eps)) + 3/2      relative: + eps (and eps's own rounding),
+                                          sqrt, reciprocal: the variance's error is halved,
+                                          amplified by v / (v + eps) <= 1: a near-constant row
+                                          (v << eps) is saved by eps, a big one by v
+      xhat     X_i = r E_i + |xhat_i| (dr + 1)     (d r, ATen's extra add)
+      y        Y_i = |w_i| X_i + (|xhat_i w_i| + 2 |y_i|) / 2    (* w, + b, y's own rounding)
+
+    So a row whose values are nearly equal has X ~ (s + 3) kappa eps with kappa up to
+    max|h| / sqrt(eps): the (5, 2) LayerNorm row of seed 107 (kappa ~ 300) is that case.
+    RMSNorm: mu = 0, D = 0, kappa = M r <= sqrt(n).
+
+    Backward, g = w dy (1/2 each), c1 = mean(xhat g), c2 = mean(g) (RMSNorm: 0):
+      dc1  = mean(X |g|) + (s + 3) mean(|xhat g|) + r (D mean|g| + (s + 3) mean(|h g|))
+             the centred sum (Triton) or ATen's uncentred mean Sigma g - Sigma g h with mu's
+             error (RMSNorm's autograd chain: Sigma g h, r^3 likewise)
+      dc2  = (s + 2) mean|g|
+      t_i  = g_i - xhat_i c1 - c2:  dT_i = |g_i| / 2 + X_i |c1| + |xhat_i| dc1 + dc2
+                                           + 3/2 (|g_i| + |xhat_i c1| + |c2|)
+      dx_i = r t_i (+ dh_i):        r dT_i + r |t_i| (dr + 1/2) + |dx_i|   (+ dh, own rounding)
+    and over the m rows of a column (any order: s_m = sum_rounding(m)):
+      dw_j = Sigma dy xhat:         Sigma |dy| X + (s_m + 1) Sigma |dy xhat|   (product, cast)
+      db_j = Sigma dy:              (s_m + 1/2) Sigma |dy|
+
+    Second-order terms are O((eps s kappa)^2) relative; the bound asserts eps (s + 3) kappa
+    <= 1e-2, where they are below 1 % of it.
+    """
+    f64 = torch.float64
+    ep = torch.finfo(torch.float32).eps
+    h = x.to(f64) if r is None else x.to(f64) + r.to(f64)
+    n, m = h.shape[-1], h.reshape(-1, h.shape[-1]).shape[0]
+    s, s_m = sum_rounding(n), sum_rounding(m)
+    w = torch.ones(n, dtype=f64) if w is None else w.to(f64)
+    b = torch.zeros(n, dtype=f64) if b is None else b.to(f64)
+    dy = dy.to(f64)
+    big = h.abs().amax(-1, keepdim=True)
+    if kind == "layer":
+        mu = h.mean(-1, keepdim=True)
+        d = (s + 3) * big
+    else:
+        mu = torch.zeros_like(big)
+        d = torch.zeros_like(big)
+    c = h - mu
+    v = c.square().mean(-1, keepdim=True)
+    rs = (v + eps).rsqrt()
+    xhat = c * rs
+    kappa = big * rs
+    assert (ep * (s + 3) * kappa).max().item() <= 1e-2, "norm_roundings: beyond first order"
+    e = d + h.abs() + mu.abs()
+    dv = (2 * (c.abs() * e).mean(-1, keepdim=True) + ep * e.square().mean(-1, keepdim=True)
+          + (s + 2) * (c.abs() + ep * e).square().mean(-1, keepdim=True))
+    dr = dv / (2 * (v + eps)) + 1.5
+    xe = rs * e + xhat.abs() * (dr + 1)
+    y = xhat * w + b
+    out = dict(y=w.abs() * xe + (xhat * w).abs() / 2 + y.abs())
+    if r is not None:
+        out["h"] = h.abs() / 2
+    g = w * dy
+    c1 = (xhat * g).mean(-1, keepdim=True)
+    c2 = g.mean(-1, keepdim=True) if kind == "layer" else torch.zeros_like(c1)
+    dc1 = ((xe * g.abs()).mean(-1, keepdim=True) + (s + 3) * (xhat * g).abs().mean(-1, keepdim=True)
+           + rs * (d * g.abs().mean(-1, keepdim=True)
+                   + (s + 3) * (h * g).abs().mean(-1, keepdim=True)))
+    dc2 = (s + 2) * g.abs().mean(-1, keepdim=True)
+    t = g - xhat * c1 - c2
+    dt = (g.abs() / 2 + xe * c1.abs() + xhat.abs() * dc1 + dc2
+          + 1.5 * (g.abs() + (xhat * c1).abs() + c2.abs()))
+    dx = rs * t + (0 if dh is None else dh.to(f64))
+    out["dx"] = rs * dt + rs * t.abs() * (dr + 0.5) + dx.abs()
+    out["dw"] = ((dy.abs() * xe).reshape(-1, n).sum(0)
+                 + (s_m + 1) * (dy * xhat).abs().reshape(-1, n).sum(0))
+    out["db"] = (s_m + 0.5) * dy.abs().reshape(-1, n).sum(0)
+    return out
