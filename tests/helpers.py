@@ -40,6 +40,7 @@ __all__ = [
     "assert_within_roundings",
     "free_port",
     "norm_roundings",
+    "norm_rtol",
     "run_distributed",
     "sum_rounding",
     "tol",
@@ -91,6 +92,15 @@ def sum_rounding(n: int) -> float:
     return min((n - 1) / 2, 4 * math.sqrt(n))
 
 
+def norm_rtol(n: int) -> float:
+    """Relative difference of two fp32 2-norms of the same n values, summed in any two orders:
+    each side's Sigma g^2 is off by sum_rounding(n) eps + u (the squares) of itself (all terms
+    are positive: no cancellation), which the square root halves, plus u for the square root
+    and up to 2u where a norm is formed per tensor and squared again: (sum_rounding(n) + 3)
+    eps for the two together (the values themselves must be the same bits)."""
+    return (sum_rounding(n) + 3) * torch.finfo(torch.float32).eps
+
+
 def _normalised(err: torch.Tensor, magnitude: torch.Tensor) -> torch.Tensor:
     """err / magnitude per element; an element with magnitude 0 must be exact (else inf)."""
     mag = magnitude.double().expand_as(err)
@@ -129,7 +139,9 @@ def assert_lowp_close(
 
     Without `magnitude` (outputs that are not sums, or whose terms are not known) the global
     maxima are compared: max|kernel - truth| <= factor * max|baseline - truth| + floor, the floor
-    at least one ulp of max|truth| in a 16-bit dtype (the rounding of the output itself).
+    at least eps(dtype) x max|truth| in any dtype: the rounding of the output itself to its
+    dtype (half an ulp of it) and of the last operation before it (the other half), which the
+    kernel pays where the baseline happens to be exact.
     """
     if not isinstance(baseline, torch.Tensor):
         raise TypeError("assert_lowp_close: one named baseline (a tensor), not several")
@@ -153,8 +165,7 @@ def assert_lowp_close(
             f"(worst element {int(rk.argmax())}: |err| {err_k.reshape(-1)[int(rk.argmax())]:.3e})"
         )
         return
-    if dtype in (torch.float16, torch.bfloat16):
-        floor = max(floor, torch.finfo(dtype).eps * truth.abs().max().item())
+    floor = max(floor, torch.finfo(dtype).eps * truth.abs().max().item())
     ek, eb = err_k.max().item(), err_b.max().item()
     assert ek <= factor * eb + floor, (
         f"{name}: kernel error {ek:.3e} > {factor} x PyTorch {dtype} error "

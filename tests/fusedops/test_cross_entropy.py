@@ -72,7 +72,7 @@ def test_low_precision_rule(impl, dtype, n, v, seed, label_smoothing):
     torch_loss = F.cross_entropy(xl, t, label_smoothing=label_smoothing)
     torch_loss.backward()
     assert_lowp_close(grad, xl.grad, ref_grad, name="dlogits")
-    assert_lowp_close(loss, torch_loss, ref_loss, floor=1e-5, name="loss")
+    assert_lowp_close(loss, torch_loss, ref_loss, name="loss")
     assert grad.dtype == dtype
 
 
@@ -222,7 +222,5 @@ def test_large_logits_gradient_precision(impl, scalar):
     xt = x.clone().requires_grad_()
     torch_loss = F.cross_entropy(xt, t)
     torch_loss.backward()
-    floor = torch.finfo(torch.float32).eps * ref_grad.abs().max().item()
-    assert_lowp_close(grad, xt.grad, ref_grad, floor=floor, name="dlogits")
-    assert_lowp_close(loss, torch_loss, ref_loss,
-                      floor=torch.finfo(torch.float32).eps * ref_loss.abs().item(), name="loss")
+    assert_lowp_close(grad, xt.grad, ref_grad, floor=0.0, name="dlogits")
+    assert_lowp_close(loss, torch_loss, ref_loss, floor=0.0, name="loss")
