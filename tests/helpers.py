@@ -38,6 +38,7 @@ __all__ = [
     "assert_close",
     "assert_lowp_close",
     "assert_within_roundings",
+    "cross_entropy_roundings",
     "free_port",
     "norm_roundings",
     "norm_rtol",
@@ -297,3 +298,81 @@ def norm_roundings(kind: str, x: torch.Tensor, w: torch.Tensor | None, b: torch.
                  + (s_m + 1) * (dy * xhat).abs().reshape(-1, n).sum(0))
     out["db"] = (s_m + 0.5) * dy.abs().reshape(-1, n).sum(0)
     return out
+
+
+def cross_entropy_roundings(x: torch.Tensor, target: torch.Tensor, reduction: str,
+                            weight: torch.Tensor, *, label_smoothing: float = 0.0,
+                            z_loss: float = 0.0, ignore_index: int = -100,
+                            block: int = 1024) -> tuple[torch.Tensor, torch.Tensor]:
+    """Derived fp32 rounding bound of cross-entropy (label smoothing eps_ls, z-loss z), in units
+    of eps32 for `assert_within_roundings`: (loss, dL/dx of sum(loss * weight)).
+
+    x: the (N, V) logits as both paths see them; the truth is the formula in fp64 on them. The
+    bound covers the three computations under test: online softmax over column blocks of
+    `block` (Triton: m, s = Sigma exp(x - m), rescaled by exp(m - m_new) per block), the
+    PyTorch path (exp(x - m) / s, lse = m + log s) and F.cross_entropy + autograd (log_softmax:
+    logp = x - m - log s; its backward g - p Sigma g). u = eps / 2; exp and log are taken as
+    accurate to 1 ulp (eps), the other operations correctly rounded (u). Per row, with
+    p = softmax(x), m = max x, s_V = sum_rounding(V), B = ceil(V / block) blocks:
+
+      sum      ds = s_V + 1 + Sigma_j p_j |x_j - m| / 2 + B (3/2 + max|x - m| / 2)
+               relative: the positive sum (no cancellation), each term's x - m (u |x - m|)
+               and exp (eps), and per block the rescale's subtraction, exp and product
+      lse      dL = ds + |log s| + |lse| / 2         log (1 ulp), m + log s
+      loss     (1 + 2 z |lse|) dL + eps_ls (s_V + 2) (mean|x| + mean|x - m| + |log s|)
+               + 2 (|lse| + |x_t| + eps_ls mean|x| + z lse^2)
+               the label-smoothing mean (of x, or of logp for F.cross_entropy), and at most
+               four roundings along the chain of each term (the products, the subtractions)
+      p_j      dP_j = dL + |x_j - m| / 2 + |logp_j| / 2 + 3/2     relative (x - m, exp, / s;
+               or logp's rounding, exp)
+      grad_j   |w / n| (|c| p_j dP_j + p_j (2 z dL + 3/2 |c| + s_V + 1)
+                        + 3/2 (|c| p_j + eps_ls / V + (1 - eps_ls) [j = t])) + 3/2 |grad_j|
+               c = 1 + 2 z lse; s_V + 1: autograd's Sigma g of the log-softmax backward;
+               the final scale by w and 1 / n
+    reduction: "sum" adds s_N Sigma |loss_i| (N rows), "mean" that and 1/2 |mean| for the
+    division. Ignored rows are exact zeros (their bound is 0).
+    """
+    f64 = torch.float64
+    x = x.to(f64)
+    n, v = x.shape
+    valid = target != ignore_index
+    s_v = sum_rounding(v)
+    nb = -(-v // block)
+    m = x.amax(-1, keepdim=True)
+    xm = x - m
+    p = xm.exp() / xm.exp().sum(-1, keepdim=True)
+    logs = xm.exp().sum(-1, keepdim=True).log()
+    lse = m + logs
+    logp = xm - logs
+    ds = (s_v + 1 + (p * xm.abs()).sum(-1, keepdim=True) / 2
+          + nb * (1.5 + xm.abs().amax(-1, keepdim=True) / 2))
+    dl = ds + logs.abs() + lse.abs() / 2
+    ts = torch.where(valid, target, 0).long().unsqueeze(1)
+    x_t = x.gather(1, ts)
+    ls, z = label_smoothing, z_loss
+    mean_abs = x.abs().mean(-1, keepdim=True)
+    loss = ((1 + 2 * z * lse.abs()) * dl
+            + ls * (s_v + 2) * (mean_abs + xm.abs().mean(-1, keepdim=True) + logs.abs())
+            + 2 * (lse.abs() + x_t.abs() + ls * mean_abs + z * lse.square()))
+    loss = torch.where(valid.unsqueeze(1), loss, 0.0).squeeze(1)
+    c = 1 + 2 * z * lse
+    dp = dl + xm.abs() / 2 + logp.abs() / 2 + 1.5
+    onehot = torch.zeros_like(x).scatter_(1, ts, 1.0)
+    g = c * p - ls / v - (1 - ls) * onehot
+    nv = max(int(valid.sum()), 1)
+    scale = weight.to(f64).reshape(-1, 1) if reduction == "none" else weight.to(f64).reshape(1, 1)
+    scale = scale / nv if reduction == "mean" else scale
+    grad = (scale.abs() * (c.abs() * p * dp + p * (2 * z * dl + 1.5 * c.abs() + s_v + 1)
+                           + 1.5 * (c.abs() * p + ls / v + (1 - ls) * onehot))
+            + 1.5 * (scale * g).abs())
+    grad = torch.where(valid.unsqueeze(1), grad, 0.0)
+    if reduction == "none":
+        return loss, grad
+    # the true per-row losses, for the sum's rounding
+    true_loss = ((1 - ls) * (lse - x_t) + ls * (lse - x.mean(-1, keepdim=True))
+                 + z * lse.square()).squeeze(1)
+    true_loss = torch.where(valid, true_loss, 0.0)
+    total = loss.sum() + sum_rounding(n) * true_loss.abs().sum()
+    if reduction == "mean":
+        total = total / nv + (true_loss.sum() / nv).abs() / 2
+    return total, grad
