@@ -40,10 +40,12 @@ __all__ = [
     "assert_within_roundings",
     "cross_entropy_roundings",
     "free_port",
+    "linear_residual_roundings",
     "norm_roundings",
     "norm_rtol",
     "run_distributed",
     "sum_rounding",
+    "swiglu_roundings",
     "tol",
 ]
 
@@ -376,3 +378,67 @@ def cross_entropy_roundings(x: torch.Tensor, target: torch.Tensor, reduction: st
     if reduction == "mean":
         total = total / nv + (true_loss.sum() / nv).abs() / 2
     return total, grad
+
+
+def _matmul_err(a: torch.Tensor, b: torch.Tensor, k: int) -> torch.Tensor:
+    """(sum_rounding(k) + 1/2) eps32 x |a| @ |b|: a k-term fp32 dot product in any order (the
+    products' rounding, u each, and the sum's), for a, b the exact operands."""
+    return (sum_rounding(k) + 0.5) * torch.finfo(torch.float32).eps * (a.abs() @ b.abs())
+
+
+def linear_residual_roundings(x: torch.Tensor, w: torch.Tensor, r: torch.Tensor,
+                              dy: torch.Tensor) -> tuple[torch.Tensor, ...]:
+    """Derived fp32 rounding bound of y = x W^T + r and its gradients, in units of eps32 (for
+    `assert_within_roundings`): y: the K-term dot product (`_matmul_err`) + the add (u |y|);
+    dx = dy W: the 2N-term one; dW = dy^T x: the M-term one (M rows); dr = dy: exact."""
+    f64, ep = torch.float64, torch.finfo(torch.float32).eps
+    x, w, r, dy = (t.to(f64).reshape(-1, t.shape[-1]) for t in (x, w, r, dy))
+    y = x @ w.T + r
+    out_y = _matmul_err(x, w.T, x.shape[1]) + ep / 2 * y.abs()
+    out_dx = _matmul_err(dy, w, dy.shape[1])
+    out_dw = _matmul_err(dy.T, x, x.shape[0])
+    return out_y / ep, out_dx / ep, out_dw / ep, torch.zeros_like(dy)
+
+
+def swiglu_roundings(x: torch.Tensor, w: torch.Tensor, dy: torch.Tensor
+                     ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Derived fp32 rounding bound of y = silu(x Wg^T) * (x Wu^T) (W = [Wg; Wu]) and of dx, dW
+    (dy given), in units of eps32 for `assert_within_roundings`. First order, each rounding
+    taken at the magnitude of what it rounds (u = eps / 2; exp to 1 ulp):
+
+      g, u   dg0, du0 = the K-term dot products (`_matmul_err`)
+      s      sigmoid = 1 / (1 + exp(-g)): ds = s (1 - s) dg0 + 2 eps s    (exp, add, divide)
+      silu   g s:        dsilu = s dg0 + |g| ds + u |silu|
+      y      silu * u:   |u| dsilu + |silu| du0 + u |y|
+      dU     dy g s:     |dy| dsilu + eps |dU|                            (two products)
+      q      1 + g (1 - s): dq = |g| (ds + u (1 - s)) + (1 - s) dg0 + u (|g (1 - s)| + |q|)
+                         (the sigmoid's absolute error, not 1 - s, bounds 1 - s when s ~ 1)
+      dG     dy u s q:   |dy| (du0 s |q| + |u| ds |q| + |u| s dq) + 3/2 eps |dG|
+      dx     [dG, dU] W: the 2N-term dot product + the propagated dG, dU errors
+      dW     [dG, dU]^T x: the M-term one (M rows) + the propagated errors
+    """
+    f64, ep = torch.float64, torch.finfo(torch.float32).eps
+    x, dy = x.to(f64).reshape(-1, x.shape[-1]), dy.to(f64).reshape(-1, dy.shape[-1])
+    w = w.to(f64)
+    n, k = w.shape[0] // 2, w.shape[1]
+    wg, wu = w[:n], w[n:]
+    g, up = x @ wg.T, x @ wu.T
+    dg0, du0 = _matmul_err(x, wg.T, k), _matmul_err(x, wu.T, k)
+    s = torch.sigmoid(g)
+    ds = s * (1 - s) * dg0 + 2 * ep * s
+    silu = g * s
+    dsilu = s * dg0 + g.abs() * ds + ep / 2 * silu.abs()
+    y = silu * up
+    e_y = up.abs() * dsilu + silu.abs() * du0 + ep / 2 * y.abs()
+    d_up = dy * silu
+    e_dup = dy.abs() * dsilu + ep * d_up.abs()
+    q = 1 + g * (1 - s)
+    dq = (g.abs() * (ds + ep / 2 * (1 - s)) + (1 - s) * dg0
+          + ep / 2 * ((g * (1 - s)).abs() + q.abs()))
+    d_g = dy * up * s * q
+    e_dg = dy.abs() * (du0 * s * q.abs() + up.abs() * ds * q.abs() + up.abs() * s * dq) \
+        + 1.5 * ep * d_g.abs()
+    dh, e_dh = torch.cat([d_g, d_up], -1), torch.cat([e_dg, e_dup], -1)
+    e_dx = _matmul_err(dh, w, 2 * n) + e_dh @ w.abs()
+    e_dw = _matmul_err(dh.T, x, x.shape[0]) + e_dh.T @ x.abs()
+    return e_y / ep, e_dx / ep, e_dw / ep
