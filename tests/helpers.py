@@ -18,7 +18,17 @@ true value is 0, the PyTorch path can be exact by luck.
 
 Where the number of roundings is known exactly (AdamW, elementwise ops), the bound is direct:
 `assert_within_roundings(actual, expected, magnitude)`, |actual - expected| <= eps * magnitude
-element by element.
+element by element. fp32 kernels against the fp64 formula on the same rounded inputs use the
+derived per-element bounds below (first-order forward error analysis, each rounding taken at
+the magnitude of what it rounds, sums by `sum_rounding`, row conditioning included):
+
+| bound                       | for                                                          |
+|-----------------------------|--------------------------------------------------------------|
+| `norm_roundings`            | LayerNorm / RMSNorm + residual, fwd and bwd (kappa = max|h| rstd) |
+| `cross_entropy_roundings`   | cross-entropy with label smoothing, z-loss, reductions       |
+| `swiglu_roundings`          | silu(x Wg^T) * (x Wu^T), dx, dW                              |
+| `linear_residual_roundings` | x W^T + r, dx, dW, dr                                        |
+| `norm_rtol(n)`              | two fp32 2-norms of the same n values, summed in two orders  |
 """
 
 from __future__ import annotations
