@@ -77,8 +77,9 @@ SHAPES = st.tuples(st.integers(1, 5), st.sampled_from([1, 2, 7, 64, 127, 200]))
 @given(kind=KINDS, shape=SHAPES, seed=st.integers(0, 2**16), residual=st.booleans(),
        bias=st.booleans(), eps=st.sampled_from([1e-5, 1e-6, 1e-2]),
        block_n=st.sampled_from([None, 16, 32]))
-# explore seed 107: a LayerNorm row of two nearly equal values (kappa = max|h| rstd ~ 300): the
-# old global tolerance max(1, |ref|, rstd) max(1, kappa / 100) did not follow the conditioning
+# explore seed 107: a LayerNorm row of two nearly equal values (row 3: h = (-2.246, -2.215),
+# kappa = max|h| rstd = 138): its dx (and d residual) exceeded the old global tolerance
+# max(1, |ref|, rstd) max(1, kappa / 100) by 10 %, the fp64 inputs' rounding included
 @example(kind="layer", shape=(5, 1), seed=5, residual=True, bias=False, eps=1e-5,
          block_n=None)
 def test_fp32_matches_torch_float64(impl, kind, shape, seed, residual, bias, eps, block_n):
