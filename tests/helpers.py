@@ -352,8 +352,9 @@ def cross_entropy_roundings(x: torch.Tensor, target: torch.Tensor, reduction: st
     nb = -(-v // block)
     m = x.amax(-1, keepdim=True)
     xm = x - m
-    p = xm.exp() / xm.exp().sum(-1, keepdim=True)
-    logs = xm.exp().sum(-1, keepdim=True).log()
+    ex = xm.exp()
+    ssum = ex.sum(-1, keepdim=True)
+    p, logs = ex / ssum, ssum.log()
     lse = m + logs
     logp = xm - logs
     ds = (s_v + 1 + (p * xm.abs()).sum(-1, keepdim=True) / 2
