@@ -28,9 +28,8 @@ CASES = [(torch.bfloat16, s) for s in SHAPES] + [
 ]
 
 
-def _floor(t, dtype):
-    # half an ulp (in the kernel's dtype) of the largest output: for outputs PyTorch gets exact
-    return 0.5 * torch.finfo(dtype).eps * t.abs().max().item() + 1e-9
+# floor=0.0: where PyTorch happens to be exact the kernel may still lose the output's own
+# rounding, eps(dtype) x max|truth| (assert_lowp_close's floor in any dtype), nothing absolute.
 
 
 @pytest.mark.parametrize("dtype, shape", CASES, ids=lambda v: str(v))
@@ -46,12 +45,12 @@ def test_gpu_swiglu_and_residual(dtype, shape):
     truth = truth_swiglu(x, w, dy, torch.float64)  # same rounded inputs, fp64
     for a, b, t, name in zip(got, same, truth, ("y", "dx", "dw")):
         assert a.dtype == dtype and a.shape == t.shape
-        assert_lowp_close(a, b, t, floor=_floor(t, dtype), name=f"swiglu {name}")
+        assert_lowp_close(a, b, t, floor=0.0, name=f"swiglu {name}")
     got = run_residual(x, w, r, dy2, "triton")
     same = truth_residual(x, w, r, dy2, dtype)
     truth = truth_residual(x, w, r, dy2, torch.float64)
     for a, b, t, name in zip(got, same, truth, ("y", "dx", "dw", "dr")):
-        assert_lowp_close(a, b, t, floor=_floor(t, dtype), name=f"residual {name}")
+        assert_lowp_close(a, b, t, floor=0.0, name=f"residual {name}")
 
 
 def test_gpu_auto_picks_triton_without_warning():
@@ -72,7 +71,7 @@ def test_gpu_tma_and_pointer_loads_agree_bf16():
     same = truth_swiglu(x, w, dy, torch.bfloat16)
     for tma in (False, True):
         y = swiglu_fwd_triton(x, w, tma=tma)
-        assert_lowp_close(y, same[0], truth[0], floor=_floor(truth[0], torch.bfloat16),
+        assert_lowp_close(y, same[0], truth[0], floor=0.0,
                           name=f"y tma={tma}")
     a, b = (swiglu_bwd_triton(x, w, dy, tma=t).float() for t in (False, True))
     assert (a - b).abs().max().item() <= 2.0**-7 * a.abs().max().item()

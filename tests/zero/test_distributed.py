@@ -19,7 +19,7 @@ from torch import nn
 from haillm.zero import DynamicLossScaler, Zero1AdamW, ZeroDataParallel, weight_decay_groups
 from haillm.zero.memory import measured_bytes
 from haillm.zero.reference import MixedPrecisionAdamW, naive_zero1_step
-from tests.helpers import TOL, run_distributed
+from tests.helpers import TOL, norm_rtol, run_distributed
 
 DIMS = (7, 13, 5)  # odd sizes: parameters straddle chunk boundaries
 
@@ -280,7 +280,8 @@ def case_norm_over_model_parallel_group():
     if world > 1:
         dist.broadcast(rep_sq, src=0)
     expected = (sq.item() + rep_sq.item()) ** 0.5
-    assert not found_inf and abs(norm - expected) <= 1e-5 * expected, (norm, expected)
+    rtol = norm_rtol(world * shard.weight.numel() + 6)  # the same grads, summed in two orders
+    assert not found_inf and abs(norm - expected) <= rtol * expected, (norm, expected)
 
 
 def all_cases(world, seed=0):
