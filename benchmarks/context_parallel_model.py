@@ -11,9 +11,8 @@ rank) and runs one forward + backward at seqlen 2k-16k. Every rank measures:
   planner's activation line counts, (B, S/cp) tokens' worth per rank;
 * **peak RSS growth**: the resident set's high-water mark (Linux VmHWM, reset after setup and
   a warm-up step, so the parameters' .grad exist already) during the step, above the RSS
-  before it; on top of the saved tensors it holds the backward's transients (the gradients of
-  the activations, the logits' gradient, the ring's K/V and dK/dV buffers, the block
-  attention's tiles);
+  before it; on top of the saved tensors still alive it holds the backward's transients (the
+  activations' gradients, the ring's K/V and dK/dV buffers, the block attention's tiles);
 
 next to the plan: `activation_bytes(cfg, 1, first=True, last=True)` and `ring_workspace(cfg)`
 (the ring's two K/V shards and two fp32 dK/dV accumulators during one attention's backward).
@@ -86,6 +85,32 @@ def _rank_main(seqlen: int, cp: int, n_layers: int):
     return dict(saved=sum(seen.values()), peak=peak, secs=secs)
 
 
+def table_notes(n_layers: int, total_s: float) -> str:
+    """The table's notes: the setup and what each column measures."""
+    m = model_config(2048, 1, n_layers).model
+    return (
+        f"One forward + backward of a {n_layers}-layer `DeepSeekLM` (tiny widths: hidden "
+        f"{m.hidden_size}, {m.n_heads} query / {m.n_kv_heads} K/V heads of dim {m.head_dim}, "
+        f"SwiGLU {m.intermediate_size}, vocabulary {m.vocab_size}), fp32, batch 1, tiled "
+        f"attention; cp ranks of one sequence (zigzag), one gloo process and intra-op thread "
+        f"each, {device_name()}; `benchmarks/context_parallel_model.py` (total "
+        f"{total_s:.0f} s). *Saved*: the bytes autograd keeps for "
+        "backward on a rank (saved-tensor hooks, parameters excluded; the max over ranks); "
+        "*plan*: `haillm-plan`'s activations per micro-batch (`activation_bytes`, every "
+        "per-token term at s/cp). *Ring workspace*: the plan's transient ring buffers during "
+        "one attention's backward (two K/V shards, two fp32 dK/dV accumulators; not saved "
+        "tensors, so not in the saved column). *Peak RSS growth*: the resident set's "
+        "high-water mark during the step above the RSS before it (glibc's mmap threshold fixed "
+        "at 128 KiB). Backward frees each node's saved tensors as it runs (the head's "
+        "log-probabilities before the blocks' gradients exist), so the peak is the saved bytes "
+        "plus a few MiB in flight (activation gradients, the block attention's tiles, gloo's "
+        "buffers); the ring workspace comes in the attention's backward, after the head and the "
+        "MLP have freed theirs, so plan + ring bounds the saved part from above. With 512 tokens "
+        "per rank (2k over 4) the fixed MiB weigh most. The step time is a shared 2-core "
+        "machine's (cp = 4 oversubscribes it)."
+    )
+
+
 def main():
     if os.environ.get("MALLOC_MMAP_THRESHOLD_") is None:
         # as benchmarks/context_parallel.py: a fixed mmap threshold returns every large freed
@@ -116,26 +141,7 @@ def main():
                          "n/a" if peak is None else f"{peak / (act + ring):.2f}",
                          f"{statistics.median(r['secs'] for r in res):.1f}"])
             print(rows[-1], flush=True)
-    m = model_config(2048, 1, args.layers).model
-    notes = (
-        f"One forward + backward of a {args.layers}-layer `DeepSeekLM` (tiny widths: hidden "
-        f"{m.hidden_size}, {m.n_heads} query / {m.n_kv_heads} K/V heads of dim {m.head_dim}, "
-        f"SwiGLU {m.intermediate_size}, vocabulary {m.vocab_size}), fp32, batch 1, tiled "
-        f"attention; cp ranks of one sequence (zigzag), one gloo process and intra-op thread "
-        f"each, {device_name()}; `benchmarks/context_parallel_model.py` (total "
-        f"{time.perf_counter() - t_all:.0f} s). *Saved*: the bytes autograd keeps for "
-        "backward on a rank (saved-tensor hooks, parameters excluded; the max over ranks); "
-        "*plan*: `haillm-plan`'s activations per micro-batch (`activation_bytes`, every "
-        "per-token term at s/cp). *Ring workspace*: the plan's transient ring buffers during "
-        "one attention's backward (two K/V shards, two fp32 dK/dV accumulators; not saved "
-        "tensors, so not in the saved column). *Peak RSS growth*: the resident set's "
-        "high-water mark during the step above the RSS before it (glibc's mmap threshold fixed "
-        "at 128 KiB); it holds the saved tensors plus what backward allocates while they are "
-        "alive (at the head: the fp32 logits' gradient, as large as the saved log-probabilities; "
-        "the activations' gradients; the block attention's tiles), hence peak / (plan + ring) "
-        "above 1, and the same at every cp: everything is per token. The step time is a shared "
-        "2-core machine's (cp = 4 oversubscribes it)."
-    )
+    notes = table_notes(args.layers, time.perf_counter() - t_all)
     table = write_table(
         PAGE, TITLE,
         ["seqlen", "cp", "saved for bwd MiB (measured, max rank)", "plan activations MiB",
