@@ -231,7 +231,9 @@ class _RingAttention(torch.autograd.Function):
                                                        l_b.to(acc))
             if i + 1 < cp:
                 _wait(pending)
-                kv = nxt
+                # the sent block is free once its send is done: drop the pending's reference
+                # so that only two K/V buffers (this block, the one in flight) ever coexist
+                kv, pending = nxt, None
         lse = torch.where(lse == float("-inf"), float("inf"), lse)
         out = out.to(q.dtype)
         ctx.save_for_backward(q, k, v, out, lse)
@@ -266,15 +268,16 @@ class _RingAttention(torch.autograd.Function):
             if dkv_recv is None:
                 dkv = torch.zeros(kv.shape, dtype=acc, device=q.device)
             else:
-                _wait(dkv_pending)
-                dkv = dkv_recv
+                _wait(dkv_pending)  # and drop the sent accumulator (two fp32 dK/dV at most)
+                dkv, dkv_recv, dkv_pending = dkv_recv, None, None
             if blk is not None:
                 dkv[0][:, ks] += dk_b.to(acc)
                 dkv[1][:, ks] += dv_b.to(acc)
             dkv_recv, dkv_pending = ring.exchange(dkv, _TAG_DKV)
+            del dkv  # held by dkv_pending until its send is waited on
             if i + 1 < cp:
                 _wait(kv_pending)
-                kv = nxt
+                kv, kv_pending = nxt, None
         _wait(dkv_pending)  # the last hop brings every block's gradient home
         return (dq.to(q.dtype), dkv_recv[0].to(k.dtype), dkv_recv[1].to(v.dtype),
                 None, None, None, None, None)

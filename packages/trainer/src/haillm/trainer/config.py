@@ -37,6 +37,7 @@ __all__ = [
     "RunConfig",
     "TrainConfig",
     "apply_overrides",
+    "check_sequence",
     "dump_toml",
     "load_config",
 ]
@@ -270,23 +271,7 @@ class Config:
                           ("vocab_size", m.vocab_size), ("intermediate_size", m.intermediate_size)):
             if val % p.tp:
                 raise ConfigError(f"model.{what} ({val}) must be divisible by tp ({p.tp})")
-        # CP: the zigzag layout cuts every sequence into 2*cp equal chunks (rank r holds
-        # chunks r and 2cp-1-r); SP then splits each CP rank's S/cp tokens over its TP group
-        # (contiguously: the all-gather before attention restores the rank's two chunks), so
-        # under both S must be divisible by 2*cp and S/cp by tp, i.e. by cp * lcm(2, tp).
-        if p.cp > 1 and m.seq_len % (2 * p.cp):
-            raise ConfigError(
-                f"model.seq_len ({m.seq_len}) must be divisible by 2*cp = {2 * p.cp} under "
-                f"context parallelism (the zigzag layout: 2*cp equal chunks, rank r holds "
-                f"chunks r and 2*cp-1-r)")
-        if p.sequence_parallel and p.tp > 1 and (m.seq_len // p.cp) % p.tp:
-            if p.cp == 1:
-                raise ConfigError(f"model.seq_len ({m.seq_len}) must be divisible by tp "
-                                  f"({p.tp}) under sequence parallelism")
-            raise ConfigError(
-                f"model.seq_len ({m.seq_len}) must be divisible by cp*tp = {p.cp * p.tp} "
-                f"under context and sequence parallelism (each CP rank's seq_len/cp = "
-                f"{m.seq_len // p.cp} tokens are split over tp = {p.tp} ranks)")
+        check_sequence(self)
         stages = p.pp * (p.chunks if p.pipeline_schedule == "interleaved" else 1)
         if m.n_layers < stages:
             raise ConfigError(f"model.n_layers ({m.n_layers}) must be >= the number of pipeline "
@@ -332,9 +317,34 @@ class Config:
         return self.train.global_batch // (self.parallel.dp * self.parallel.microbatches)
 
 
+def check_sequence(cfg: Config) -> None:
+    """Raise `ConfigError` for a `model.seq_len` the layout cannot split (`Config.validate`
+    and `haillm-plan` share it): by tp under SP, by 2*cp under CP, by cp*tp under both."""
+    m, p = cfg.model, cfg.parallel
+    # CP: the zigzag layout cuts every sequence into 2*cp equal chunks (rank r holds
+    # chunks r and 2cp-1-r); SP then splits each CP rank's S/cp tokens over its TP group
+    # (contiguously: the all-gather before attention restores the rank's two chunks), so
+    # under both S must be divisible by 2*cp and S/cp by tp, i.e. by cp * lcm(2, tp).
+    if p.cp > 1 and m.seq_len % (2 * p.cp):
+        raise ConfigError(
+            f"model.seq_len ({m.seq_len}) must be divisible by 2*cp = {2 * p.cp} under "
+            f"context parallelism (the zigzag layout: 2*cp equal chunks, rank r holds "
+            f"chunks r and 2*cp-1-r)")
+    if p.sequence_parallel and p.tp > 1 and (m.seq_len // p.cp) % p.tp:
+        if p.cp == 1:
+            raise ConfigError(f"model.seq_len ({m.seq_len}) must be divisible by tp "
+                              f"({p.tp}) under sequence parallelism")
+        raise ConfigError(
+            f"model.seq_len ({m.seq_len}) must be divisible by cp*tp = {p.cp * p.tp} "
+            f"under context and sequence parallelism (each CP rank's seq_len/cp = "
+            f"{m.seq_len // p.cp} tokens are split over tp = {p.tp} ranks)")
+
+
 # --------------------------------------------------------------------------- ranges
 # (section, key): (lower, upper) bounds, each (value, exclusive) or None
 _GE0, _GE1, _GT0 = ((0, False), None), ((1, False), None), ((0, True), None)
+
+
 RANGES: dict[tuple[str, str], tuple[tuple[float, bool] | None, tuple[float, bool] | None]] = {
     **{("model", k): _GE1 for k in ("vocab_size", "hidden_size", "n_layers", "n_heads",
                                      "n_kv_heads", "intermediate_size", "seq_len")},

@@ -51,10 +51,30 @@ Recomputation (`parallel.recompute`, `haillm.trainer.recompute`) changes what a 
   plain attention keeps its probabilities; the fused kernels keep nothing more to drop;
 * ``recompute_layers = N``: only the first N blocks of each chunk recompute.
 
+Context parallelism (``cp``, ring attention; `apply_context_parallel`): every rank holds
+s/cp tokens of every sequence (the zigzag chunks), so every per-token term above is taken at
+s/cp (the token ids, RoPE's cos and sin of the rank's positions, the loss). Attention is then
+`context_parallel_attention` whatever the impl: its autograd function saves this rank's q, k,
+v, O and the fp32 logsumexp only (the block scores are recomputed in backward, even with
+``reference`` blocks), so under CP the flash line holds at s/cp and the plain one does not
+apply. The ring's transient buffers are not saved tensors; one attention at a time holds them,
+so the plan adds them once per rank as the **ring workspace** (`ring_workspace`), with
+kv = 2 b (s/cp) k / t the elements of one K/V shard::
+
+    forward:   2 kv p                  the block being computed on + the one in flight
+    backward:  2 kv p + 2 kv 4         the same two K/V blocks + two fp32 dK/dV accumulators
+               (+ 4 b (s/cp) h / t      (the one being sent on, the one arriving)
+                below fp32)            the fp32 dQ accumulator (in fp32 it is dQ itself)
+
+The workspace is the larger, the backward. Model states under CP: the parameters are
+replicated over dp x cp, and ZeRO-1 shards the optimizer over that group (N_d = dp cp);
+the world is dp cp tp pp.
+
 Under the 1F1B schedule, pipeline stage i holds min(pp - i, M) micro-batches in flight
 (Narayanan et al. 2021): stage 0 is the worst, which is what the table shows first.
 
-FLOPs per step: (6 N + 12 L h s) x tokens (`metrics.flops_per_token`), plus what the
+FLOPs per step: (6 N + 12 L h s) x tokens (`metrics.flops_per_token`; divided by the world
+dp cp tp pp per rank), plus what the
 recomputation repeats: full, one more forward of the blocks (2 N_blocks + 4 L h s per token:
 8N instead of 6N); selective, the norms and the SwiGLU activation (~ 8 h + 5 f per token and
 layer).
@@ -68,12 +88,13 @@ import argparse
 import dataclasses
 from dataclasses import dataclass
 
-from haillm.trainer.config import PRESETS, Config, ConfigError, load_config
+from haillm.trainer.config import PRESETS, Config, ConfigError, check_sequence, load_config
 from haillm.trainer.metrics import flops_per_token
 from haillm.trainer.parallelize import split_layers
 
-__all__ = ["Plan", "activation_bytes", "block_bytes", "korthikanti_bytes", "plan", "plan_config",
-           "plan_table", "recompute_flops_per_token", "recompute_workspace", "state_bytes"]
+__all__ = ["Plan", "activation_bytes", "block_bytes", "korthikanti_bytes", "local_tokens", "plan",
+           "plan_config", "plan_table", "recompute_flops_per_token", "recompute_workspace",
+           "ring_workspace", "state_bytes"]
 
 BYTES = {"bf16": 2, "fp16": 2, "fp32": 4}
 
@@ -83,7 +104,8 @@ class Plan:
     """Per-rank bytes of one pipeline stage (see the module docstring for the formulas).
 
     `activations` = `in_flight` x the saved bytes of one micro-batch + `recompute_workspace`
-    (one block's activations, rebuilt in backward; 0 without full recomputation).
+    (one block's activations, rebuilt in backward; 0 without full recomputation) +
+    `ring_workspace` (the ring's K/V and dK/dV buffers of one attention; 0 at cp = 1).
     """
 
     stage: int
@@ -97,6 +119,7 @@ class Plan:
     flops_per_rank: float
     activations_per_microbatch: float = 0.0
     recompute_workspace: float = 0.0
+    ring_workspace: float = 0.0
 
     @property
     def total(self) -> float:
@@ -124,10 +147,11 @@ def _opt_bytes(cfg: Config) -> int:
 
 
 def state_bytes(cfg: Config, stage: int = 0) -> dict[str, float]:
-    """Parameter, fp32-main-gradient and optimizer bytes of one rank of `stage`."""
+    """Parameter, fp32-main-gradient and optimizer bytes of one rank of `stage` (ZeRO-1 shards
+    the optimizer over dp x cp: the CP ranks hold the same parameters, like DP replicas)."""
     psi = _stage_params(cfg, stage)
     p = cfg.parallel
-    opt = _opt_bytes(cfg) * psi / (p.dp if p.zero else 1)
+    opt = _opt_bytes(cfg) * psi / (p.dp * p.cp if p.zero else 1)
     return {"n_params": psi, "params": BYTES[cfg.train.precision] * psi, "grads": 4.0 * psi,
             "optimizer": opt}
 
@@ -138,11 +162,17 @@ def _kernels(cfg: Config) -> tuple[bool, bool]:
     return cfg.parallel.fused_norm and cuda, cfg.parallel.fused_swiglu and cuda
 
 
+def local_tokens(cfg: Config) -> int:
+    """Tokens of each sequence on one rank before SP: seq_len / cp (the zigzag chunks)."""
+    return cfg.model.seq_len // cfg.parallel.cp
+
+
 def block_bytes(cfg: Config, mode: str = "none", *, first_in_chunk: bool = False) -> float:
-    """Bytes one decoder block saves for backward, per micro-batch, in recompute `mode`."""
+    """Bytes one decoder block saves for backward, per micro-batch, in recompute `mode`
+    (under CP: at this rank's s/cp tokens)."""
     m, par = cfg.model, cfg.parallel
-    s, b, h, f, a, t = (m.seq_len, cfg.micro_batch_size, m.hidden_size, m.intermediate_size,
-                        m.n_heads, par.tp)
+    s, b, h, f, a, t = (local_tokens(cfg), cfg.micro_batch_size, m.hidden_size,
+                        m.intermediate_size, m.n_heads, par.tp)
     k = m.n_kv_heads * m.head_dim
     p = BYTES[cfg.train.precision]
     n = t if (par.sequence_parallel and t > 1) else 1
@@ -162,7 +192,8 @@ def block_bytes(cfg: Config, mode: str = "none", *, first_in_chunk: bool = False
     # gate-up input: the fused SwiGLU (kernel or, on CPU, its reference) reads the gathered x
     total += sbh * p if par.fused_swiglu else sbh * p / n
     qkvo = (2 * sbh + 2 * s * b * k) * p / t
-    if par.attention == "reference":  # probabilities (x2, fp32) and the mask, in every mode
+    # under CP the ring's autograd function saves q, k, v, O, lse for any block impl
+    if par.attention == "reference" and par.cp == 1:  # probabilities (x2, fp32) and the mask
         total += qkvo + 8 * a * s * s * b / t + s * s + s
     else:
         total += qkvo + 4 * a * s * b / t  # flash: + logsumexp
@@ -184,9 +215,10 @@ def _recomputed(cfg: Config, n_layers: int) -> int:
 def activation_bytes(cfg: Config, n_layers: int, *, first: bool = True,
                      last: bool = False) -> float:
     """Bytes saved for backward by one micro-batch through `n_layers` blocks of one chunk on
-    one rank, in the config's recompute mode (`parallel.recompute`, `recompute_layers`)."""
+    one rank, in the config's recompute mode (`parallel.recompute`, `recompute_layers`); under
+    CP every term at the rank's s/cp tokens."""
     m, par = cfg.model, cfg.parallel
-    s, b, t = m.seq_len, cfg.micro_batch_size, par.tp
+    s, b, t = local_tokens(cfg), cfg.micro_batch_size, par.tp
     p = BYTES[cfg.train.precision]
     n = t if (par.sequence_parallel and t > 1) else 1
     r = _recomputed(cfg, n_layers)
@@ -220,6 +252,23 @@ def recompute_workspace(cfg: Config, n_layers: int) -> float:
     return block_bytes(cfg, "none")
 
 
+def ring_workspace(cfg: Config) -> float:
+    """Bytes of the ring's transient buffers during one attention's backward (the larger of
+    its two passes), 0 at cp = 1: two K/V shards (the one computed on, the one in flight),
+    2 x 2 b (s/cp) k / t elements in the training precision; two fp32 dK/dV accumulators of
+    the same shape (the one being sent on, the one arriving); below fp32 the fp32 dQ
+    accumulator, b (s/cp) h / t (in fp32 it is the returned dQ). The forward holds only the
+    two K/V shards."""
+    m, par = cfg.model, cfg.parallel
+    if par.cp == 1:
+        return 0.0
+    s, b, t = local_tokens(cfg), cfg.micro_batch_size, par.tp
+    p = BYTES[cfg.train.precision]
+    kv = 2 * b * s * m.n_kv_heads * m.head_dim / t  # one (2, b, s/cp, h_kv/t, d) K/V shard
+    dq = 4 * b * s * m.hidden_size / t if p < 4 else 0
+    return 2 * kv * p + 2 * kv * 4 + dq
+
+
 def recompute_flops_per_token(cfg: Config) -> float:
     """Extra forward FLOPs per token that the recomputation repeats in backward."""
     from haillm.trainer.recompute import recomputed_layers
@@ -241,9 +290,15 @@ def korthikanti_bytes(cfg: Config) -> float:
 
     Without SP: s b h (10 + 24/t + 5 a s / (h t)); with SP: s b h / t (34 + 5 a s / h);
     selective recomputation drops the 5 a s / h term; full keeps 2 s b h (the layer input).
+    Under CP every term divides by cp: each rank holds s/cp rows of every activation, the
+    score matrix included ((s/cp) x s per head: its queries against every key).
     """
     m, par = cfg.model, cfg.parallel
     s, b, h, a, t = m.seq_len, cfg.micro_batch_size, m.hidden_size, m.n_heads, par.tp
+    return _korthikanti(s, b, h, a, t, par) / par.cp
+
+
+def _korthikanti(s, b, h, a, t, par) -> float:
     sp = par.sequence_parallel and t > 1
     attn = 0.0 if par.recompute == "selective" else 5 * a * s / h
     if par.recompute == "full":
@@ -260,10 +315,9 @@ def _check(cfg: Config) -> None:
                        ("intermediate_size", m.intermediate_size, par.tp)):
         if n % k:
             raise ConfigError(f"{name} ({n}) must be divisible by tp ({k})")
+    check_sequence(cfg)  # Config.validate's seq_len rules (SP, CP's zigzag), in its order
     if m.n_layers < par.pp:
         raise ConfigError(f"n_layers ({m.n_layers}) must be >= pp ({par.pp})")
-    if par.sequence_parallel and par.tp > 1 and m.seq_len % par.tp:
-        raise ConfigError(f"seq_len ({m.seq_len}) must be divisible by tp ({par.tp}) with SP")
 
 
 def plan(cfg: Config) -> list[Plan]:
@@ -273,16 +327,17 @@ def plan(cfg: Config) -> list[Plan]:
     s = m.seq_len
     gb = par.dp * par.microbatches * cfg.micro_batch_size
     step_flops = (flops_per_token(m, s) + recompute_flops_per_token(cfg)) * gb * s
-    world = par.dp * par.tp * par.pp
+    world = par.dp * par.cp * par.tp * par.pp
     out = []
     for i, layers in enumerate(split_layers(m.n_layers, par.pp)):
         st = state_bytes(cfg, i)
         in_flight = min(par.pp - i, par.microbatches)  # 1F1B warm-up depth of stage i
         per_mb = activation_bytes(cfg, len(layers), first=i == 0, last=i == par.pp - 1)
         ws = recompute_workspace(cfg, len(layers))
+        ring = ring_workspace(cfg) if layers else 0.0
         out.append(Plan(i, st["n_params"], st["params"], st["grads"], st["optimizer"],
-                        in_flight * per_mb + ws, in_flight, step_flops, step_flops / world,
-                        per_mb, ws))
+                        in_flight * per_mb + ws + ring, in_flight, step_flops,
+                        step_flops / world, per_mb, ws, ring))
     return out
 
 
@@ -305,6 +360,8 @@ def plan_table(cfg: Config, title: str = "") -> str:
             ("activations/micro-batch GiB", [_gib(p.activations_per_microbatch) for p in cols])]
     if any(p.recompute_workspace for p in cols):
         rows.append(("recompute workspace GiB", [_gib(p.recompute_workspace) for p in cols]))
+    if any(p.ring_workspace for p in cols):
+        rows.append(("ring workspace GiB", [_gib(p.ring_workspace) for p in cols]))
     rows += [("activations GiB", [_gib(p.activations) for p in cols]),
              ("total GiB", [_gib(p.total) for p in cols])]
     w = max(len(r[0]) for r in rows)
@@ -325,17 +382,18 @@ def plan_table(cfg: Config, title: str = "") -> str:
     return "\n".join(lines)
 
 
-def plan_config(preset: str = "tiny", *, dp: int = 1, tp: int = 1, pp: int = 1,
+def plan_config(preset: str = "tiny", *, dp: int = 1, tp: int = 1, pp: int = 1, cp: int = 1,
                 microbatches: int = 4, micro_batch_size: int = 1, seq_len: int | None = None,
                 precision: str = "bf16", sequence_parallel: bool = True, zero: bool = True,
                 attention: str = "flash", recompute: str = "none", recompute_layers: int = 0,
                 **parallel) -> Config:
     """The `Config` that `haillm-plan`'s flags describe: the preset with these degrees and
-    switches, `train.global_batch` = dp x microbatches x micro_batch_size. `attention`:
+    switches, `train.global_batch` = dp x microbatches x micro_batch_size (the cp ranks of a
+    sequence share it: the batch does not grow with cp). `attention`:
     ``flash`` (the preset's impl) or ``plain`` (``reference``: the score matrix saved);
     other `parallel` keys by name."""
     cfg = load_config(preset)
-    for name, v in (("dp", dp), ("tp", tp), ("pp", pp), ("microbatches", microbatches),
+    for name, v in (("dp", dp), ("tp", tp), ("pp", pp), ("cp", cp), ("microbatches", microbatches),
                     ("micro_batch_size", micro_batch_size)):
         if v < 1:
             raise ConfigError(f"--{name.replace('_', '-')} must be >= 1, got {v}")
@@ -344,7 +402,7 @@ def plan_config(preset: str = "tiny", *, dp: int = 1, tp: int = 1, pp: int = 1,
     if attention not in ("flash", "plain"):
         raise ConfigError(f"--attention must be flash or plain, got {attention!r}")
     cfg.parallel = dataclasses.replace(
-        cfg.parallel, dp=dp, tp=tp, pp=pp, microbatches=microbatches,
+        cfg.parallel, dp=dp, tp=tp, pp=pp, cp=cp, microbatches=microbatches,
         sequence_parallel=sequence_parallel, zero=zero, recompute=recompute,
         recompute_layers=recompute_layers,
         attention="reference" if attention == "plain" else cfg.parallel.attention, **parallel)
@@ -364,6 +422,8 @@ def plan_parser() -> argparse.ArgumentParser:
     ap.add_argument("--dp", type=int, default=1)
     ap.add_argument("--tp", type=int, default=1)
     ap.add_argument("--pp", type=int, default=1)
+    ap.add_argument("--cp", type=int, default=1,
+                    help="context-parallel degree (ring attention over cp ranks per sequence)")
     ap.add_argument("--microbatches", type=int, default=4)
     ap.add_argument("--micro-batch-size", type=int, default=1)
     ap.add_argument("--seq-len", type=int, default=None)
@@ -382,7 +442,7 @@ def plan_parser() -> argparse.ArgumentParser:
 def run_plan(argv: list[str] | None = None) -> str:
     """Parse `haillm-plan` arguments and return the table (raises `ConfigError`)."""
     a = plan_parser().parse_args(argv)
-    cfg = plan_config(a.preset, dp=a.dp, tp=a.tp, pp=a.pp, microbatches=a.microbatches,
+    cfg = plan_config(a.preset, dp=a.dp, tp=a.tp, pp=a.pp, cp=a.cp, microbatches=a.microbatches,
                       micro_batch_size=a.micro_batch_size, seq_len=a.seq_len,
                       precision=a.precision, sequence_parallel=not a.no_sp,
                       zero=not a.no_zero, attention=a.attention, recompute=a.recompute,
@@ -391,8 +451,9 @@ def run_plan(argv: list[str] | None = None) -> str:
     rec = "" if a.recompute == "none" else (
         f", recompute {a.recompute}"
         + (f" (first {a.recompute_layers} blocks per chunk)" if a.recompute_layers else ""))
-    title = (f"haillm-plan: {a.preset} ({m.n_params() / 1e9:.2f}B params), dp={a.dp} tp={a.tp} "
-             f"pp={a.pp}, {a.microbatches} x {a.micro_batch_size} x "
+    cps = f" cp={a.cp}" if a.cp > 1 else ""
+    title = (f"haillm-plan: {a.preset} ({m.n_params() / 1e9:.2f}B params), dp={a.dp}{cps} "
+             f"tp={a.tp} pp={a.pp}, {a.microbatches} x {a.micro_batch_size} x "
              f"{m.seq_len} tokens per DP rank, {a.precision}, "
              f"SP {'off' if a.no_sp else 'on'}, ZeRO-1 {'off' if a.no_zero else 'on'}{rec}")
     return plan_table(cfg, title=title)
