@@ -65,6 +65,26 @@ def rel_err(a, b):
     return ((a.double() - b.double()).abs().max() / b.double().abs().max().clamp_min(1e-30)).item()
 
 
+def torch_adamw_reference(norms, *, dp, steps, micro, clip, dims=DIMS, lr_second_group=3e-3,
+                          eps=1e-8):
+    """The single-process run on the whole batch with `torch.optim.AdamW` (lr 1e-2; the
+    no-decay group at `lr_second_group`) and `clip_grad_norm_`; asserts that its gradient norm
+    matches `norms` (the sharded run's) at every step and returns the model."""
+    ref = make_model(dims=dims)
+    rgroups = weight_decay_groups(ref, 0.1)
+    rgroups[1]["lr"] = lr_second_group
+    ropt = torch.optim.AdamW(rgroups, lr=1e-2, eps=eps)
+    for step in range(steps):
+        data = [xy for rank in batches(step, dp, micro, dims=dims) for xy in rank]
+        x, y = torch.cat([a for a, _ in data]), torch.cat([b for _, b in data])
+        loss_fn(ref(x), y).backward()
+        n = torch.nn.utils.clip_grad_norm_(ref.parameters(), clip if clip else float("inf"))
+        assert abs(n.item() - norms[step]) <= 1e-5 * n.item(), (n.item(), norms[step])
+        ropt.step()
+        ropt.zero_grad()
+    return ref
+
+
 def case_fp32_equals_torch_adamw(bucket_mb, overlap, rs_impl, clip, micro=3, steps=3, dims=DIMS,
                                  rtol=1e-6, eps=1e-8):
     dp = dist.get_world_size()
@@ -77,18 +97,8 @@ def case_fp32_equals_torch_adamw(bucket_mb, overlap, rs_impl, clip, micro=3, ste
     norms = [res.grad_norm for res in train_zero(ddp, opt, steps, micro, torch.float32,
                                                  dims=dims)]
 
-    ref = make_model(dims=dims)
-    rgroups = weight_decay_groups(ref, 0.1)
-    rgroups[1]["lr"] = 3e-3
-    ropt = torch.optim.AdamW(rgroups, lr=1e-2, eps=eps)
-    for step in range(steps):
-        data = [xy for rank in batches(step, dp, micro, dims=dims) for xy in rank]
-        x, y = torch.cat([a for a, _ in data]), torch.cat([b for _, b in data])
-        loss_fn(ref(x), y).backward()
-        n = torch.nn.utils.clip_grad_norm_(ref.parameters(), clip if clip else float("inf"))
-        assert abs(n.item() - norms[step]) <= 1e-5 * n.item(), (n.item(), norms[step])
-        ropt.step()
-        ropt.zero_grad()
+    ref = torch_adamw_reference(norms, dp=dp, steps=steps, micro=micro, clip=clip, dims=dims,
+                                lr_second_group=3e-3, eps=eps)
     # Relative to the model's largest parameter: a zero-initialised bias is ~lr·steps in size,
     # and fp32 rounding of the reordered sums is ~1e-8 absolute whatever its size.
     got = torch.cat([p.detach().reshape(-1) for p in ddp.module.parameters()])

@@ -36,11 +36,10 @@ from haillm.zero import Zero1AdamW, ZeroDataParallel, memory_per_rank, weight_de
 from haillm.zero.memory import measured_bytes
 from tests.helpers import run_distributed
 from tests.zero.test_distributed import (
-    batches,
     case_overlap_event_order,
-    loss_fn,
     make_model,
     rel_err,
+    torch_adamw_reference,
     train_zero,
 )
 
@@ -110,18 +109,8 @@ def case_steps_equal_sharded_and_reference(dims, bucket_mb, micro=2, steps=3, cl
         assert rel_err(_flat(u.module), _flat(s.module)) <= 1e-6
         assert all(abs(x - y) <= 1e-5 * y for x, y in zip(un, sn)), (un, sn)
     # the single-process reference on the whole batch
-    ref = make_model(dims=dims)
-    groups = weight_decay_groups(ref, 0.1)
-    groups[1]["lr"] = 1e-2 / 3
-    ropt = torch.optim.AdamW(groups, lr=1e-2)
-    for step in range(steps):
-        data = [xy for rank in batches(step, dp, micro, dims=dims) for xy in rank]
-        x, y = torch.cat([p for p, _ in data]), torch.cat([q for _, q in data])
-        loss_fn(ref(x), y).backward()
-        n = torch.nn.utils.clip_grad_norm_(ref.parameters(), clip if clip else float("inf"))
-        assert abs(n.item() - un[step]) <= 1e-5 * n.item(), (n.item(), un[step])
-        ropt.step()
-        ropt.zero_grad()
+    ref = torch_adamw_reference(un, dp=dp, steps=steps, micro=micro, clip=clip, dims=dims,
+                                lr_second_group=1e-2 / 3)
     e = rel_err(_flat(u.module), _flat(ref))
     assert e <= 1e-6, f"relative error {e:.2e} vs torch AdamW (dims={dims})"
     return u, uo, a, ao
