@@ -31,6 +31,7 @@ import time
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).parent))
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent))  # tests.trainer.memory
 
 import torch
 from harness import _reset_peak_rss, _status_kib, device_name, write_table
@@ -40,6 +41,7 @@ from haillm.parallel.testing import run_distributed
 from haillm.trainer import DeepSeekLM, load_config
 from haillm.trainer.parallelize import parallelize
 from haillm.trainer.plan import activation_bytes, ring_workspace
+from tests.trainer.memory import saved_bytes
 
 PAGE = "context-parallel.md"
 TITLE = "Model activations vs cp: measured and haillm-plan (CPU, gloo)"
@@ -59,30 +61,20 @@ def _rank_main(seqlen: int, cp: int, n_layers: int):
     m = cfg.model
     dims = ParallelDims(cp=cp).build()
     chunk = parallelize(DeepSeekLM(m, seed=0, lazy=True), dims, cfg, data_parallel=False)[0]
-    params = {p.untyped_storage().data_ptr() for p in chunk.parameters()}
     g = torch.Generator().manual_seed(0)
     tokens = torch.randint(0, m.vocab_size, (1, seqlen), generator=g)
     x = split_sequence(tokens, dim=1, group=dims.cp_group)  # (1, S/cp): this rank's chunks
     # warm-up on a short sequence: imports, the allocator, the parameters' .grad
     w = split_sequence(tokens[:, :128 * cp], dim=1, group=dims.cp_group)
     chunk(w, w).backward()
-    seen: dict[int, int] = {}
-
-    def pack(t):
-        s = t.untyped_storage()
-        if s.data_ptr() not in params and s.nbytes() > 0:
-            seen[s.data_ptr()] = s.nbytes()
-        return t
-
     rss = _reset_peak_rss()
     before = _status_kib("VmRSS")
     t0 = time.perf_counter()
-    with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
-        loss = chunk(x, x)
+    saved, loss = saved_bytes(chunk, x, x)  # what autograd keeps (tests/trainer/memory.py)
     loss.backward()
     secs = time.perf_counter() - t0
     peak = (_status_kib("VmHWM") - before) * 1024 if rss else None
-    return dict(saved=sum(seen.values()), peak=peak, secs=secs)
+    return dict(saved=saved, peak=peak, secs=secs)
 
 
 def table_notes(n_layers: int, total_s: float) -> str:
