@@ -248,20 +248,13 @@ def validate_schedules(schedules: list[list[Action]]) -> tuple[int, int, int]:
                 if key in seen_b:
                     raise ValueError(f"stage {s}: {a} appears twice")
                 seen_b.add(key)
-        if forward_only:
-            missing = sorted(want - seen_f)
-            if missing:
-                mb, c = missing[0]
-                raise ValueError(
-                    f"stage {s}: no forward for micro-batch {mb} chunk {c} (a forward-only "
-                    f"pipeline: expected m={m} micro-batches x v={v} chunks on every stage)"
-                )
-            continue
-        missing = sorted(want - seen_b)
+        missing = sorted(want - (seen_f if forward_only else seen_b))
         if missing:
             mb, c = missing[0]
+            what, kind = (("forward", "a forward-only pipeline: ") if forward_only
+                          else ("backward (or forward)", ""))
             raise ValueError(
-                f"stage {s}: no backward (or forward) for micro-batch {mb} chunk {c} "
-                f"(expected m={m} micro-batches x v={v} chunks on every stage)"
+                f"stage {s}: no {what} for micro-batch {mb} chunk {c} ({kind}expected "
+                f"m={m} micro-batches x v={v} chunks on every stage)"
             )
     return p, m, v
