@@ -29,6 +29,15 @@ the magnitude of what it rounds, sums by `sum_rounding`, row conditioning includ
 | `swiglu_roundings`          | silu(x Wg^T) * (x Wu^T), dx, dW                              |
 | `linear_residual_roundings` | x W^T + r, dx, dW, dr                                        |
 | `norm_rtol(n)`              | two fp32 2-norms of the same n values, summed in two orders  |
+| `adamw_exact`               | one fp32 AdamW step against its exact (fp64) result           |
+| `gemm_magnitudes`           | Sigma|terms| of the fused GEMMs' outputs, for the rule in fp16/bf16 |
+
+Optimizer runs are compared one step at a time from the same state (tests/zero/lockstep.py):
+each step's gradient against the fp64 truth (the low-precision rule, or `sum_rounding` where
+the same partial gradients are only added in another order), then each step's p, m, v against
+`adamw_exact` of the gradient that step used. Comparing whole runs instead would need a bound
+on how Adam's m / sqrt(v) amplifies a gradient difference from step to step, which grows
+without limit where |g| ~ eps (the normalised update then divides rounding noise by itself).
 """
 
 from __future__ import annotations
@@ -47,9 +56,11 @@ __all__ = [
     "RankFailure",
     "assert_close",
     "assert_lowp_close",
+    "adamw_exact",
     "assert_within_roundings",
     "cross_entropy_roundings",
     "free_port",
+    "gemm_magnitudes",
     "linear_residual_roundings",
     "norm_roundings",
     "norm_rtol",
@@ -464,3 +475,70 @@ def swiglu_roundings(x: torch.Tensor, w: torch.Tensor, dy: torch.Tensor
     e_dx = _matmul_err(dh, w, 2 * n) + e_dh @ w.abs()
     e_dw = _matmul_err(dh.T, x, x.shape[0]) + e_dh.T @ x.abs()
     return e_y / ep, e_dx / ep, e_dw / ep
+
+
+def adamw_exact(p: torch.Tensor, m: torch.Tensor, v: torch.Tensor, g: torch.Tensor, *,
+                step: int, lr, beta1, beta2, eps, weight_decay
+                ) -> tuple[tuple[torch.Tensor, ...], tuple[torch.Tensor, ...]]:
+    """One AdamW step (`torch.optim.AdamW`'s formula) in float64 from the fp32 state before it
+    (p, m, v: (n,)) and the gradient g (n,); hyper-parameters are floats or (n,) tensors.
+
+    Returns ``((p_new, m_new, v_new), (mag_p, mag_m, mag_v))``: the exact results and how far
+    ONE fp32 implementation of the step (any order of the same operations; FMA or not) may be
+    from them, in units of eps32 for `assert_within_roundings`. First order, each rounding
+    taken at the magnitude of what it rounds (u = eps32 / 2), the fp32 scalars included:
+
+      m = lerp(m0, g, w), w = 1 - beta1: the difference g - m0, the product, the sum and w
+          itself: u (|m| + 3 w |g - m0|) <= 2 (|m0| + w |g - m0|) eps (either lerp branch);
+      v = beta2 v0 + (1 - beta2) g^2: the products, the scalars, the sum (all terms >= 0):
+          4 u v = 2 v eps;
+      p = p0 d - s m / (sqrt(v / c2) + eps), d = 1 - lr wd, s = lr / c1: the decayed p0
+          (product + scalar: 2u |p0 d|) and the new p (u (|p0 d| + |up|)); the update `up`
+          through its roundings (sqrt to 1 ulp: 2u, the division by sqrt(c2) and that scalar,
+          + eps, m / denom, s and the product with it: 6u, v's 4u seen through sqrt: 2u) and
+          m's own error seen through s / denom (u |up| + 3u s w |g - m0| / denom): in all
+          2 |p0 d| + 6 |up| + 2 s w |g - m0| / denom (in eps).
+
+    An implementation that rounds the same step in another way (the Triton kernel, a flat
+    buffer) is within this of the exact result; two of them are within the sum of theirs.
+    """
+    f64 = torch.float64
+    p, m, v, g = (t.to(f64) for t in (p, m, v, g))
+    as64 = (lambda x: x.to(f64) if isinstance(x, torch.Tensor) else torch.tensor(x, dtype=f64))
+    lr, beta1, beta2, eps, wd = (as64(x) for x in (lr, beta1, beta2, eps, weight_decay))
+    w = 1.0 - beta1
+    pd = p * (1.0 - lr * wd)
+    m_new = m + w * (g - m)
+    v_new = beta2 * v + (1.0 - beta2) * g * g
+    c1, c2 = 1.0 - beta1 ** step, 1.0 - beta2 ** step
+    denom = (v_new / c2).sqrt() + eps
+    up = (lr / c1) * m_new / denom
+    p_new = pd - up
+    mag_m = 2 * (m.abs() + w * (g - m).abs())
+    mag_v = 2 * v_new
+    mag_p = 2 * pd.abs() + 6 * up.abs() + 2 * (lr / c1) * w * (g - m).abs() / denom
+    return (p_new, m_new, v_new), (mag_p, mag_m, mag_v)
+
+
+def gemm_magnitudes(kind: str, x: torch.Tensor, w: torch.Tensor, dy: torch.Tensor,
+                    r: torch.Tensor | None = None) -> dict[str, torch.Tensor]:
+    """Sigma|terms| of each element of the fused GEMMs' sums (float64, from the exact
+    operands): the magnitudes for the low-precision rule (`assert_lowp_close(magnitude=...)`).
+
+    kind "swiglu" (y = silu(x Wg^T) * (x Wu^T)): dx = dh W and dW = dh^T x with
+    dh = [dG, dU] = [dy u s (1 + g (1 - s)), dy silu(g)]: |dh| @ |W| and |dh|^T @ |x|;
+    kind "residual" (y = x W^T + r): y |x| @ |W|^T + |r|, dx |dy| @ |W|, dW |dy|^T @ |x|,
+    dr |dy|. Keys: the outputs that are such sums.
+    """
+    f64 = torch.float64
+    x, dy, w = (t.to(f64).reshape(-1, t.shape[-1]) for t in (x, dy, w))
+    if kind == "swiglu":
+        n = w.shape[0] // 2
+        g, up = x @ w[:n].T, x @ w[n:].T
+        s = torch.sigmoid(g)
+        dh = torch.cat([dy * up * s * (1 + g * (1 - s)), dy * g * s], -1).abs()
+        return {"dx": dh @ w.abs(), "dw": dh.T @ x.abs()}
+    r = r.to(f64).reshape(-1, r.shape[-1])
+    return {"y": x.abs() @ w.abs().T + r.abs(), "dx": dy.abs() @ w.abs(),
+            "dw": dy.abs().T @ x.abs(), "dr": dy.abs()}
+

@@ -9,7 +9,7 @@ import warnings
 import pytest
 import torch
 import torch.nn.functional as F
-from hypothesis import given
+from hypothesis import example, given
 from hypothesis import strategies as st
 from torch import nn
 
@@ -19,6 +19,7 @@ from tests.helpers import (
     assert_close,
     assert_lowp_close,
     assert_within_roundings,
+    gemm_magnitudes,
     linear_residual_roundings,
     swiglu_roundings,
 )
@@ -145,23 +146,38 @@ def test_residual_triton_fp32_matches_fp64_truth(lead, n, k, seed):
 
 
 def check_lowp(dtype, dev, lead, n, k, seed):
+    """The low-precision rule against the fp32 truth from the same rounded inputs, with the
+    separate nn.Linear layers in `dtype` as the one baseline; the gradients (sums of 2N or M
+    products) relative to each element's Sigma|terms| (`gemm_magnitudes`), plus the kernels'
+    fp32 accumulation of that many terms; y, not a sum after the activation, globally."""
     x, w, dy = make_case(lead, n, k, dtype, seed, dev)
+    rows = x.numel() // k
     got = run_swiglu(x, w, dy, "triton")
     lowp = truth_swiglu(x, w, dy, dtype=dtype)  # separate nn.Linear in the same precision
     truth = truth_swiglu(x, w, dy, dtype=torch.float32)  # from the same rounded inputs
+    mag = gemm_magnitudes("swiglu", x, w, dy)
+    terms = {"dx": 2 * n, "dw": rows}
     for a, b, t, name in zip(got, lowp, truth, ("y", "dx", "dw")):
         assert a.dtype == dtype
-        assert_lowp_close(a, b, t, name=name)
+        m = mag.get(name)
+        assert_lowp_close(a, b, t, name=name, magnitude=None if m is None else m.reshape(t.shape),
+                          reduction=terms.get(name, 0))
     r = torch.randn(*lead, 2 * n, device=dev).to(dtype)
-    got = run_residual(x, w, r, dy.repeat_interleave(2, -1), "triton")
-    lowp = truth_residual(x, w, r, dy.repeat_interleave(2, -1), dtype=dtype)
-    truth = truth_residual(x, w, r, dy.repeat_interleave(2, -1), dtype=torch.float32)
+    dy2 = dy.repeat_interleave(2, -1)
+    got = run_residual(x, w, r, dy2, "triton")
+    lowp = truth_residual(x, w, r, dy2, dtype=dtype)
+    truth = truth_residual(x, w, r, dy2, dtype=torch.float32)
+    mag = gemm_magnitudes("residual", x, w, dy2, r)
+    terms = {"y": k + 1, "dx": 2 * n, "dw": rows, "dr": 0}
     for a, b, t, name in zip(got, lowp, truth, ("y", "dx", "dw", "dr")):
-        assert_lowp_close(a, b, t, name="residual " + name)
+        assert_lowp_close(a, b, t, name="residual " + name, magnitude=mag[name].reshape(t.shape),
+                          reduction=terms[name])
 
 
 @needs_triton
 @given(lead=small_lead, n=st.integers(1, 40), k=st.integers(1, 72), seed=st.integers(0, 2**16))
+# dx of K = 1, N = 23 cancels to 1/10 of its terms: global maxima failed it (explore seed 300)
+@example(lead=(1,), n=23, k=1, seed=777)
 def test_triton_fp16_low_precision_rule(lead, n, k, seed):
     dev = "cuda" if torch.cuda.is_available() else "cpu"
     check_lowp(torch.float16, dev, lead, n, k, seed)

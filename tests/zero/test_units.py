@@ -16,6 +16,7 @@ from haillm.zero import (
     memory_per_rank,
     weight_decay_groups,
 )
+from tests.zero.lockstep import TorchAdamWLockstep
 
 
 @given(numels=st.lists(st.integers(1, 300), min_size=1, max_size=12),
@@ -151,24 +152,21 @@ def test_weight_decay_groups_and_double_backward_error():
 
 
 def test_single_process_equals_torch_adamw():
-    """dp = 1 without torch.distributed: a plain fp32 AdamW with grad accumulation."""
-    ref = _mlp()
+    """dp = 1 without torch.distributed: a plain fp32 AdamW with grad accumulation, every step
+    against torch.optim.AdamW on the whole batch from the same state (tests/zero/lockstep.py:
+    the gradient to the low-precision rule, each step to `adamw_exact`'s roundings)."""
     ddp = ZeroDataParallel(_mlp(), bucket_mb=64 * 4 / 2**20)
     opt = Zero1AdamW(ddp, lr=1e-2, weight_decay=0.05, precision="fp32")
-    ropt = torch.optim.AdamW(ref.parameters(), lr=1e-2, weight_decay=0.05)
+    check = TorchAdamWLockstep(ddp, opt, _mlp, lambda out, y: (out - y).square().mean())
     g = torch.Generator().manual_seed(1)
     for _ in range(3):
         xs = [torch.randn(3, 5, generator=g) for _ in range(2)]
+        check.sync()
         for i, x in enumerate(xs):
             with ddp.no_sync() if i == 0 else torch.enable_grad():
                 (ddp(x).square().mean() / 2).backward()
-        ref(torch.cat(xs)).square().mean().backward()
-        opt.step()
+        check.step([[(x, torch.zeros(3, 3)) for x in xs]])
         opt.zero_grad()
-        ropt.step()
-        ropt.zero_grad()
-    for p, q in zip(ddp.module.parameters(), ref.parameters()):
-        torch.testing.assert_close(p, q, rtol=1e-6, atol=1e-7)
 
 
 def test_lr_scheduler_and_hparams():

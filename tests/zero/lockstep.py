@@ -1,0 +1,211 @@
+"""Zero1AdamW against a reference optimizer, one step at a time from the same state.
+
+Why one step at a time: two runs whose gradients differ in the last bits (other summation
+orders) drift apart at a rate no tolerance can be derived for, because AdamW's normalised
+update m / (sqrt(v) + eps) divides a gradient by its own size: where |g| ~ eps (a width-1
+layer, a cancelling sum) one rounding of g moves the parameter by up to ~lr. So before every
+step the reference takes the state of the ZeRO run (`full_state_dict`), and each step is
+checked against what follows from the maths, nothing measured:
+
+1. the gradient (this rank's shard, averaged over DP, before clipping) against the float64
+   truth: the low-precision rule of `tests/helpers.assert_lowp_close` with the reference's fp32
+   whole-batch gradient as the one named baseline, per element relative to Sigma|terms| (the
+   per-row gradients' absolute values), plus the fp32 sum of the dp x micro partial gradients;
+   where both runs add the *same* partial gradients (bf16 models: identical per-micro-batch
+   backward passes), directly: |g - Sigma partials| <= sum_rounding(dp x micro) eps Sigma|partials|;
+2. the norm: |norm - ||g_truth||| <= ||g - g_truth|| (triangle inequality) + its float64 sum;
+3. the clip: g_used = g x factor within the two roundings of that product;
+4. p, m, v after the step against `adamw_exact` of (state before, g_used), per element, for the
+   ZeRO run AND for the reference (which checks that `adamw_exact` is torch's formula).
+"""
+
+from __future__ import annotations
+
+import copy
+
+import torch
+import torch.distributed as dist
+
+from tests.helpers import adamw_exact, assert_lowp_close, assert_within_roundings
+
+EPS64 = torch.finfo(torch.float64).eps
+
+
+def owned_index(layout) -> torch.Tensor:
+    """Flat-buffer positions of this rank's shard, in shard order: (shard_numel,) int64."""
+    parts = [torch.arange(start, start + n) for start, n in
+             (b.chunk(layout.rank, layout.dp) for b in layout.buckets)]
+    return torch.cat(parts)
+
+
+def to_buffer(ddp, tensors) -> torch.Tensor:
+    """Per-parameter tensors (in `ddp.param_names` order) -> one float64 (numel,) vector in the
+    flat-buffer order of `ddp.layout` (padding 0)."""
+    L = ddp.layout
+    flat = torch.zeros(L.numel, dtype=torch.float64)
+    for t, off, n in zip(tensors, L.param_offsets, L.param_numels):
+        flat[off:off + n] = t.detach().double().reshape(-1)
+    return flat
+
+
+def hparams(ddp, opt) -> dict[str, torch.Tensor]:
+    """Each element's AdamW hyper-parameters (its group's), float64, in shard order."""
+    index = {id(p): i for i, p in enumerate(ddp.params)}
+    cols = {k: [0.0] * ddp.layout.num_params for k in ("lr", "beta1", "beta2", "eps",
+                                                       "weight_decay")}
+    for g in opt.param_groups:
+        for p in g["params"]:
+            i = index[id(p)]
+            cols["lr"][i], cols["eps"][i], cols["weight_decay"][i] = g["lr"], g["eps"], \
+                g["weight_decay"]
+            cols["beta1"][i], cols["beta2"][i] = g["betas"]
+    idx = owned_index(ddp.layout)
+    return {k: to_buffer(ddp, [torch.full((n,), v, dtype=torch.float64)
+                          for v, n in zip(vals, ddp.layout.param_numels)])[idx]
+            for k, vals in cols.items()}
+
+
+def check_adamw_step(after, before, g_used, *, step: int, name: str, **hp) -> None:
+    """p, m, v `after` one step from `before` with gradient `g_used` equal `adamw_exact`'s."""
+    exact, mags = adamw_exact(*before, g_used, step=step, **hp)
+    for what, got, want, mag in zip(("param", "exp_avg", "exp_avg_sq"), after, exact, mags):
+        assert_within_roundings(got, want, mag, dtype=torch.float32, name=f"{name} {what}")
+
+
+def _all_reduce(t: torch.Tensor, ddp) -> torch.Tensor:
+    if ddp.shard and ddp.dp > 1:
+        dist.all_reduce(t, group=ddp.dp_group)
+    return t
+
+
+class ZeroStep:
+    """Runs `opt.step()` on a ZeroDataParallel model whose micro-batches are done, capturing
+    the shard's state before, the gradient before and after clipping, and checks 2-4."""
+
+    def __init__(self, ddp, opt):
+        self.ddp, self.opt = ddp, opt
+        self.idx = owned_index(ddp.layout)
+        self.hp = hparams(ddp, opt)
+
+    def __call__(self, name: str = "ZeRO"):
+        ddp, opt = self.ddp, self.opt
+        before = (opt.master.clone(), opt.exp_avg.clone(), opt.exp_avg_sq.clone())
+        norm, _ = opt.grad_norm_and_found_inf()  # waits for the gradient sync
+        g = torch.cat(ddp.shard_grad_views()).clone()
+        res = opt.step()
+        assert not res.skipped and res.grad_norm == norm
+        g_used = torch.cat(ddp.shard_grad_views()).clone()
+        factor = 1.0
+        if opt.max_grad_norm is not None:
+            factor = min(1.0, opt.max_grad_norm / (norm + 1e-6))  # clip_grad_norm_'s rule
+        if factor == 1.0:
+            assert torch.equal(g_used, g), f"{name}: gradient changed without clipping"
+        else:  # (the factor rounded to fp32, then the product)
+            want = g.double() * factor
+            assert_within_roundings(g_used, want, want.abs(), dtype=torch.float32,
+                                    name=f"{name} clipped gradient")
+        check_adamw_step((opt.master, opt.exp_avg, opt.exp_avg_sq), before, g_used,
+                         step=opt.num_steps, name=name, **self.hp)
+        if opt.separate_master:  # bf16 / fp16 parameters: the master's rounding, bit for bit
+            p = torch.cat(ddp.shard_param_views())
+            assert torch.equal(p, opt.master.to(p.dtype)), f"{name}: params != rounded master"
+        return res, g
+
+    def check_norm(self, norm: float, g: torch.Tensor, truth: torch.Tensor, name="ZeRO"):
+        """2: `norm` (the run's) of the gradient `g` (this rank's shard) against the truth
+        (full buffer order)."""
+        d2 = _all_reduce(torch.tensor([(g.double() - truth[self.idx]).square().sum().item()]),
+                         self.ddp)
+        bound = d2.sqrt().item() + g.numel() * self.ddp.dp * EPS64 * norm
+        want = truth.norm().item()
+        assert abs(norm - want) <= bound, f"{name}: grad norm {norm} vs truth {want} (> {bound:.2e})"
+
+
+def truth_gradient(model, rows, loss_fn) -> tuple[list[torch.Tensor], list[torch.Tensor]]:
+    """The float64 gradient of the mean loss over `rows` [(x (1, d_in), y (1, d_out))] at the
+    model's current parameters, and per element Sigma_rows |row gradient| (its magnitude).
+
+    The loss of the whole batch is the mean of the rows' losses (equal row widths), so the
+    gradient is Sigma_i grad(loss_i / N): N terms, whatever order a run adds them in.
+    """
+    m64 = copy.deepcopy(model).double()
+    params = list(m64.parameters())
+    total = [torch.zeros_like(p) for p in params]
+    mag = [torch.zeros_like(p) for p in params]
+    for x, y in rows:
+        grads = torch.autograd.grad(loss_fn(m64(x.double()), y.double()) / len(rows), params,
+                                    allow_unused=True)
+        for t, a, gr in zip(total, mag, grads):
+            if gr is not None:
+                t += gr
+                a += gr.abs()
+    return total, mag
+
+
+class TorchAdamWLockstep:
+    """The fp32 reference: one process, the whole batch, `torch.optim.AdamW` with the same
+    groups and `clip_grad_norm_`, reset to the ZeRO run's state before every step."""
+
+    def __init__(self, ddp, opt, make_ref, loss_fn, clip=None):
+        self.ddp, self.opt, self.loss_fn, self.clip = ddp, opt, loss_fn, clip
+        self.zero = ZeroStep(ddp, opt)
+        self.ref = make_ref()
+        by_id = {id(p): n for n, p in ddp.module.named_parameters()}
+        mine = dict(self.ref.named_parameters())
+        groups = []
+        for g in opt.param_groups:
+            hp = {k: v for k, v in g.items() if k != "params"}
+            groups.append(dict(hp, params=[mine[by_id[id(p)]] for p in g["params"]]))
+        self.ropt = torch.optim.AdamW(groups)
+        self.names = ddp.param_names
+
+    def sync(self) -> None:
+        """Reference parameters and AdamW state := the ZeRO run's (collective)."""
+        full = self.opt.full_state_dict()
+        mine = dict(self.ref.named_parameters())
+        with torch.no_grad():
+            for n in self.names:
+                mine[n].copy_(full["master"][n])
+                self.ropt.state[mine[n]] = {
+                    "step": torch.tensor(float(full["num_steps"])),
+                    "exp_avg": full["exp_avg"][n].clone(),
+                    "exp_avg_sq": full["exp_avg_sq"][n].clone()}
+
+    def step(self, data, micro_roundings: float = 2.0):
+        """After the ZeRO run's micro-batches of this step (`data`: [rank][micro] of (x, y)):
+        its optimizer step and every check of the module doc. Returns its StepResult."""
+        ddp, idx = self.ddp, self.zero.idx
+        mine = dict(self.ref.named_parameters())
+        params = [mine[n] for n in self.names]
+        rows = [(x[i:i + 1], y[i:i + 1]) for rank in data for x, y in rank for i in range(len(x))]
+        truth, mag = (to_buffer(ddp, t) for t in truth_gradient(self.ref, rows, self.loss_fn))
+        res, g = self.zero()
+        # the reference step from the same state
+        x = torch.cat([x for rank in data for x, _ in rank])
+        y = torch.cat([y for rank in data for _, y in rank])
+        self.loss_fn(self.ref(x), y).backward()
+        g_ref = to_buffer(ddp, [p.grad for p in params])
+        torch.nn.utils.clip_grad_norm_(params, self.clip if self.clip else float("inf"))
+        g_used = [p.grad.clone() for p in params]
+        before = [(p.detach().clone(), self.ropt.state[p]["exp_avg"].clone(),
+                   self.ropt.state[p]["exp_avg_sq"].clone()) for p in params]
+        self.ropt.step()
+        self.ropt.zero_grad()
+        for n, p, b, gu, g_idx in zip(self.names, params, before, g_used, self._group_of(params)):
+            grp = self.ropt.param_groups[g_idx]
+            st = self.ropt.state[p]
+            check_adamw_step((p.detach(), st["exp_avg"], st["exp_avg_sq"]), b, gu,
+                             step=int(st["step"].item()), name=f"torch.optim.AdamW {n}",
+                             lr=grp["lr"], beta1=grp["betas"][0], beta2=grp["betas"][1],
+                             eps=grp["eps"], weight_decay=grp["weight_decay"])
+        # 1 and 2: the ZeRO gradient against the truth
+        n_partial = ddp.dp * len(data[0])
+        assert_lowp_close(g, g_ref[idx].float(), truth[idx], magnitude=mag[idx],
+                          roundings=micro_roundings, reduction=n_partial,
+                          name=f"ZeRO gradient (dp={ddp.dp}, micro={len(data[0])})")
+        self.zero.check_norm(res.grad_norm, g, truth)
+        return res
+
+    def _group_of(self, params):
+        of = {id(p): k for k, g in enumerate(self.ropt.param_groups) for p in g["params"]}
+        return [of[id(p)] for p in params]
