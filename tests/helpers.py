@@ -33,9 +33,9 @@ the magnitude of what it rounds, sums by `sum_rounding`, row conditioning includ
 | `gemm_magnitudes`           | Sigma|terms| of the fused GEMMs' outputs, for the rule in fp16/bf16 |
 
 Optimizer runs are compared one step at a time from the same state (tests/zero/lockstep.py):
-each step's gradient against the fp64 truth (the low-precision rule, or `sum_rounding` where
-the same partial gradients are only added in another order), then each step's p, m, v against
-`adamw_exact` of the gradient that step used. Comparing whole runs instead would need a bound
+each step's gradient against the same per-rank micro-batch gradients (bit-identical: the same
+parameters at the same memory offsets), which data parallelism only adds in another order
+(`sum_rounding(dp)`), then each step's p, m, v against `adamw_exact` of the gradient it used. Comparing whole runs instead would need a bound
 on how Adam's m / sqrt(v) amplifies a gradient difference from step to step, which grows
 without limit where |g| ~ eps (the normalised update then divides rounding noise by itself).
 """

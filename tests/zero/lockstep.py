@@ -7,26 +7,32 @@ layer, a cancelling sum) one rounding of g moves the parameter by up to ~lr. So 
 step the reference takes the state of the ZeRO run (`full_state_dict`), and each step is
 checked against what follows from the maths, nothing measured:
 
-1. the gradient (this rank's shard, averaged over DP, before clipping) against the float64
-   truth: the low-precision rule of `tests/helpers.assert_lowp_close` with the reference's fp32
-   whole-batch gradient as the one named baseline, per element relative to Sigma|terms| (the
-   per-row gradients' absolute values), plus the fp32 sum of the dp x micro partial gradients;
-   where both runs add the *same* partial gradients (bf16 models: identical per-micro-batch
-   backward passes), directly: |g - Sigma partials| <= sum_rounding(dp x micro) eps Sigma|partials|;
-2. the norm: |norm - ||g_truth||| <= ||g - g_truth|| (triangle inequality) + its float64 sum;
+1. the gradient: the reference runs every rank's micro-batches through the plain module (the
+   same parameters, the same micro-batches, the same fp32 accumulation: each rank's local
+   gradient g_r, bit for bit what that rank's ZeRO hooks accumulate) and the ZeRO gradient (this
+   rank's shard, averaged over DP, before clipping) must be their average up to the order of
+   the DP sum: |g - Sigma_r g_r / dp| <= sum_rounding(dp) eps32 Sigma_r |g_r| / dp per element
+   (dp = 1: bit for bit). Data parallelism IS that average; that the micro-batch losses / micro
+   add up to the whole batch's loss is the reference's arithmetic, not ZeRO's;
+2. the norm: |norm - ||Sigma||| <= ||g - Sigma|| (triangle inequality) + its float64 sum;
 3. the clip: g_used = g x factor within the two roundings of that product;
 4. p, m, v after the step against `adamw_exact` of (state before, g_used), per element, for the
-   ZeRO run AND for the reference (which checks that `adamw_exact` is torch's formula).
+   ZeRO run AND for `torch.optim.AdamW` on the reference's own gradient (fp32 sum over the ranks,
+   `clip_grad_norm_`), which checks that `adamw_exact` is torch's formula.
+
+(An earlier version compared the gradient with the float64 truth by the low-precision rule
+against torch's whole-batch gradient; the explore sweep found seeds where the micro-batched
+gradient's error was 2.4 x torch's: other BLAS calls for other batch sizes round each row's
+backward differently, which no "2 x" rule bounds. Bit-identical partials do not have that
+problem.)
 """
 
 from __future__ import annotations
 
-import copy
-
 import torch
 import torch.distributed as dist
 
-from tests.helpers import adamw_exact, assert_lowp_close, assert_within_roundings
+from tests.helpers import adamw_exact, assert_within_roundings, sum_rounding
 
 EPS64 = torch.finfo(torch.float64).eps
 
@@ -72,6 +78,20 @@ def check_adamw_step(after, before, g_used, *, step: int, name: str, **hp) -> No
         assert_within_roundings(got, want, mag, dtype=torch.float32, name=f"{name} {what}")
 
 
+def same_layout_(module, ddp):
+    """Move `module`'s parameters into one flat buffer at the offsets of `ddp.param_buffer`
+    (in place; returns the module). BLAS rounds differently at other memory alignments (tried:
+    a standalone copy of the model gives 1-ulp different gradients at dp = 1), and the
+    reference's per-micro-batch gradients must be the same bits as the ZeRO model's."""
+    buffer = torch.zeros_like(ddp.param_buffer)
+    with torch.no_grad():
+        for p, off in zip(module.parameters(), ddp.layout.param_offsets):
+            view = buffer[off:off + p.numel()].view_as(p)
+            view.copy_(p)
+            p.data = view
+    return module
+
+
 def _all_reduce(t: torch.Tensor, ddp) -> torch.Tensor:
     if ddp.shard and ddp.dp > 1:
         dist.all_reduce(t, group=ddp.dp_group)
@@ -112,8 +132,8 @@ class ZeroStep:
         return res, g
 
     def check_norm(self, norm: float, g: torch.Tensor, truth: torch.Tensor, name="ZeRO"):
-        """2: `norm` (the run's) of the gradient `g` (this rank's shard) against the truth
-        (full buffer order)."""
+        """2: `norm` (the run's) of the gradient `g` (this rank's shard) against the exact
+        gradient `truth` (float64, full buffer order)."""
         d2 = _all_reduce(torch.tensor([(g.double() - truth[self.idx]).square().sum().item()]),
                          self.ddp)
         bound = d2.sqrt().item() + g.numel() * self.ddp.dp * EPS64 * norm
@@ -121,35 +141,15 @@ class ZeroStep:
         assert abs(norm - want) <= bound, f"{name}: grad norm {norm} vs truth {want} (> {bound:.2e})"
 
 
-def truth_gradient(model, rows, loss_fn) -> tuple[list[torch.Tensor], list[torch.Tensor]]:
-    """The float64 gradient of the mean loss over `rows` [(x (1, d_in), y (1, d_out))] at the
-    model's current parameters, and per element Sigma_rows |row gradient| (its magnitude).
-
-    The loss of the whole batch is the mean of the rows' losses (equal row widths), so the
-    gradient is Sigma_i grad(loss_i / N): N terms, whatever order a run adds them in.
-    """
-    m64 = copy.deepcopy(model).double()
-    params = list(m64.parameters())
-    total = [torch.zeros_like(p) for p in params]
-    mag = [torch.zeros_like(p) for p in params]
-    for x, y in rows:
-        grads = torch.autograd.grad(loss_fn(m64(x.double()), y.double()) / len(rows), params,
-                                    allow_unused=True)
-        for t, a, gr in zip(total, mag, grads):
-            if gr is not None:
-                t += gr
-                a += gr.abs()
-    return total, mag
-
-
 class TorchAdamWLockstep:
-    """The fp32 reference: one process, the whole batch, `torch.optim.AdamW` with the same
-    groups and `clip_grad_norm_`, reset to the ZeRO run's state before every step."""
+    """The fp32 reference: one process running every rank's micro-batches on the plain
+    module, `torch.optim.AdamW` with the same groups and `clip_grad_norm_`, reset to the ZeRO
+    run's state before every step."""
 
     def __init__(self, ddp, opt, make_ref, loss_fn, clip=None):
         self.ddp, self.opt, self.loss_fn, self.clip = ddp, opt, loss_fn, clip
         self.zero = ZeroStep(ddp, opt)
-        self.ref = make_ref()
+        self.ref = same_layout_(make_ref(), ddp)
         by_id = {id(p): n for n, p in ddp.module.named_parameters()}
         mine = dict(self.ref.named_parameters())
         groups = []
@@ -171,20 +171,28 @@ class TorchAdamWLockstep:
                     "exp_avg": full["exp_avg"][n].clone(),
                     "exp_avg_sq": full["exp_avg_sq"][n].clone()}
 
-    def step(self, data, micro_roundings: float = 2.0):
+    def step(self, data):
         """After the ZeRO run's micro-batches of this step (`data`: [rank][micro] of (x, y)):
         its optimizer step and every check of the module doc. Returns its StepResult."""
-        ddp, idx = self.ddp, self.zero.idx
+        ddp, idx, dp = self.ddp, self.zero.idx, len(data)
         mine = dict(self.ref.named_parameters())
         params = [mine[n] for n in self.names]
-        rows = [(x[i:i + 1], y[i:i + 1]) for rank in data for x, y in rank for i in range(len(x))]
-        truth, mag = (to_buffer(ddp, t) for t in truth_gradient(self.ref, rows, self.loss_fn))
+        local = []  # each rank's fp32 gradient, as its hooks accumulate it
+        for rank in data:
+            for x, y in rank:
+                (self.loss_fn(self.ref(x), y) / len(rank)).backward()
+            local.append([p.grad for p in params])
+            for p in params:
+                p.grad = None
+        stacked = torch.stack([to_buffer(ddp, g) for g in local])
+        exact, bound = stacked.sum(0) / dp, sum_rounding(dp) * stacked.abs().sum(0) / dp
         res, g = self.zero()
-        # the reference step from the same state
-        x = torch.cat([x for rank in data for x, _ in rank])
-        y = torch.cat([y for rank in data for _, y in rank])
-        self.loss_fn(self.ref(x), y).backward()
-        g_ref = to_buffer(ddp, [p.grad for p in params])
+        assert_within_roundings(g, exact[idx], bound[idx], dtype=torch.float32,
+                                name=f"ZeRO gradient (dp={ddp.dp}, micro={len(data[0])})")
+        self.zero.check_norm(res.grad_norm, g, exact)
+        # the reference step from the same state, on its own fp32 average
+        for k, p in enumerate(params):
+            p.grad = torch.stack([g[k] for g in local]).sum(0) / dp
         torch.nn.utils.clip_grad_norm_(params, self.clip if self.clip else float("inf"))
         g_used = [p.grad.clone() for p in params]
         before = [(p.detach().clone(), self.ropt.state[p]["exp_avg"].clone(),
@@ -198,12 +206,6 @@ class TorchAdamWLockstep:
                              step=int(st["step"].item()), name=f"torch.optim.AdamW {n}",
                              lr=grp["lr"], beta1=grp["betas"][0], beta2=grp["betas"][1],
                              eps=grp["eps"], weight_decay=grp["weight_decay"])
-        # 1 and 2: the ZeRO gradient against the truth
-        n_partial = ddp.dp * len(data[0])
-        assert_lowp_close(g, g_ref[idx].float(), truth[idx], magnitude=mag[idx],
-                          roundings=micro_roundings, reduction=n_partial,
-                          name=f"ZeRO gradient (dp={ddp.dp}, micro={len(data[0])})")
-        self.zero.check_norm(res.grad_norm, g, truth)
         return res
 
     def _group_of(self, params):

@@ -21,7 +21,13 @@ from haillm.zero import DynamicLossScaler, Zero1AdamW, ZeroDataParallel, weight_
 from haillm.zero.memory import measured_bytes
 from haillm.zero.reference import MixedPrecisionAdamW, naive_zero1_step
 from tests.helpers import assert_within_roundings, norm_rtol, run_distributed, sum_rounding
-from tests.zero.lockstep import TorchAdamWLockstep, ZeroStep, check_adamw_step, to_buffer
+from tests.zero.lockstep import (
+    TorchAdamWLockstep,
+    ZeroStep,
+    check_adamw_step,
+    same_layout_,
+    to_buffer,
+)
 
 DIMS = (7, 13, 5)  # odd sizes: parameters straddle chunk boundaries
 
@@ -111,7 +117,7 @@ def case_bf16_equals_mixed_precision_reference(micro=2, steps=3):
     ddp = ZeroDataParallel(make_model(torch.bfloat16), bucket_mb=200 * 4 / 2**20)
     opt = Zero1AdamW(ddp, lr=1e-2, weight_decay=0.01, precision="bf16")
     zero_step = ZeroStep(ddp, opt)
-    ref = make_model(torch.bfloat16)
+    ref = same_layout_(make_model(torch.bfloat16), ddp)
     ropt = MixedPrecisionAdamW(ref, lr=1e-2, weight_decay=0.01)
     hp = dict(lr=1e-2, beta1=0.9, beta2=0.999, eps=1e-8, weight_decay=0.01)
     for step in range(steps):
@@ -260,8 +266,8 @@ def case_naive_reference(steps=2, micro=2):
     import haillm.zero.reference as naive_mod
 
     dp, r = ddp_world()
-    model = make_model()
     ddp = ZeroDataParallel(make_model(), bucket_mb=50 * 4 / 2**20)
+    model = same_layout_(make_model(), ddp)
     opt = Zero1AdamW(ddp, lr=1e-2, weight_decay=0.1, precision="fp32")
     zero_step = ZeroStep(ddp, opt)
     names = ddp.param_names
