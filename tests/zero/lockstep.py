@@ -37,9 +37,9 @@ from tests.helpers import adamw_exact, assert_within_roundings, sum_rounding
 EPS64 = torch.finfo(torch.float64).eps
 
 
-def owned_index(layout) -> torch.Tensor:
+def owned_index(layout, device=None) -> torch.Tensor:
     """Flat-buffer positions of this rank's shard, in shard order: (shard_numel,) int64."""
-    parts = [torch.arange(start, start + n) for start, n in
+    parts = [torch.arange(start, start + n, device=device) for start, n in
              (b.chunk(layout.rank, layout.dp) for b in layout.buckets)]
     return torch.cat(parts)
 
@@ -48,7 +48,7 @@ def to_buffer(ddp, tensors) -> torch.Tensor:
     """Per-parameter tensors (in `ddp.param_names` order) -> one float64 (numel,) vector in the
     flat-buffer order of `ddp.layout` (padding 0)."""
     L = ddp.layout
-    flat = torch.zeros(L.numel, dtype=torch.float64)
+    flat = torch.zeros(L.numel, dtype=torch.float64, device=ddp.device)
     for t, off, n in zip(tensors, L.param_offsets, L.param_numels):
         flat[off:off + n] = t.detach().double().reshape(-1)
     return flat
@@ -65,8 +65,8 @@ def hparams(ddp, opt) -> dict[str, torch.Tensor]:
             cols["lr"][i], cols["eps"][i], cols["weight_decay"][i] = g["lr"], g["eps"], \
                 g["weight_decay"]
             cols["beta1"][i], cols["beta2"][i] = g["betas"]
-    idx = owned_index(ddp.layout)
-    return {k: to_buffer(ddp, [torch.full((n,), v, dtype=torch.float64)
+    idx = owned_index(ddp.layout, ddp.device)
+    return {k: to_buffer(ddp, [torch.full((n,), v, dtype=torch.float64, device=ddp.device)
                           for v, n in zip(vals, ddp.layout.param_numels)])[idx]
             for k, vals in cols.items()}
 
@@ -104,7 +104,7 @@ class ZeroStep:
 
     def __init__(self, ddp, opt):
         self.ddp, self.opt = ddp, opt
-        self.idx = owned_index(ddp.layout)
+        self.idx = owned_index(ddp.layout, ddp.device)
         self.hp = hparams(ddp, opt)
 
     def __call__(self, name: str = "ZeRO"):
@@ -134,8 +134,8 @@ class ZeroStep:
     def check_norm(self, norm: float, g: torch.Tensor, truth: torch.Tensor, name="ZeRO"):
         """2: `norm` (the run's) of the gradient `g` (this rank's shard) against the exact
         gradient `truth` (float64, full buffer order)."""
-        d2 = _all_reduce(torch.tensor([(g.double() - truth[self.idx]).square().sum().item()]),
-                         self.ddp)
+        d2 = _all_reduce(torch.tensor([(g.double() - truth[self.idx]).square().sum().item()],
+                                      dtype=torch.float64, device=g.device), self.ddp)
         bound = d2.sqrt().item() + g.numel() * self.ddp.dp * EPS64 * norm
         want = truth.norm().item()
         assert abs(norm - want) <= bound, f"{name}: grad norm {norm} vs truth {want} (> {bound:.2e})"
@@ -211,3 +211,74 @@ class TorchAdamWLockstep:
     def _group_of(self, params):
         of = {id(p): k for k, g in enumerate(self.ropt.param_groups) for p in g["params"]}
         return [of[id(p)] for p in params]
+
+
+class MixedPrecisionLockstep:
+    """The bf16/fp16 reference: `MixedPrecisionAdamW` (low-precision module, fp32 masters and
+    grads) running every rank's micro-batches, reset to the ZeRO run's bf16 parameters,
+    masters, m and v before every step. Both backward passes compute the same low-precision
+    partial gradients (the same parameters at the same offsets, the same micro-batches), which
+    the two runs only add in other orders: |g - Sigma| <= sum_rounding(dp x micro) eps32
+    Sigma|terms| for both; then each one's masters, m, v to `adamw_exact` of the gradient it
+    used, and the low-precision parameters = the rounded masters, bit for bit."""
+
+    def __init__(self, ddp, opt, ref, loss_fn, clip=None, **adamw_kw):
+        from haillm.zero.reference import MixedPrecisionAdamW
+
+        self.ddp, self.opt, self.loss_fn, self.clip = ddp, opt, loss_fn, clip
+        self.zero = ZeroStep(ddp, opt)
+        self.ref = same_layout_(ref, ddp)
+        self.ropt = MixedPrecisionAdamW(self.ref, **adamw_kw)
+        g = self.ropt.opt.param_groups[0]
+        self.hp = dict(lr=g["lr"], beta1=g["betas"][0], beta2=g["betas"][1], eps=g["eps"],
+                       weight_decay=g["weight_decay"])
+
+    def sync(self) -> None:
+        full = self.opt.full_state_dict()
+        with torch.no_grad():
+            for (n, p), q, mq in zip(self.ddp.module.named_parameters(), self.ref.parameters(),
+                                     self.ropt.masters):
+                q.copy_(p)
+                mq.copy_(full["master"][n])
+                self.ropt.opt.state[mq] = {"step": torch.tensor(float(full["num_steps"])),
+                                           "exp_avg": full["exp_avg"][n].clone(),
+                                           "exp_avg_sq": full["exp_avg_sq"][n].clone()}
+
+    def step(self, data):
+        """After the ZeRO run's micro-batches (`data`: [rank][micro] of (x, y)): the reference
+        step, the ZeRO step, every check. Returns the ZeRO run's StepResult."""
+        ddp, dp, micro = self.ddp, len(data), len(data[0])
+        ropt = self.ropt
+        partials = []
+        for rank in data:
+            for x, y in rank:
+                (self.loss_fn(self.ref(x), y) / micro).backward()
+                partials.append(to_buffer(ddp, [q.grad for q in self.ref.parameters()]))
+                ropt.accumulate()
+        stacked = torch.stack(partials)
+        exact = stacked.sum(0) / dp
+        bound = sum_rounding(dp * micro) * stacked.abs().sum(0) / dp
+        scale = 1.0 / dp
+        if self.clip is not None:  # the reference's own norm of its averaged fp32 gradient
+            norm = torch.linalg.vector_norm(torch.stack(
+                [(mq.grad * scale).norm() for mq in ropt.masters])).item()
+            scale *= min(1.0, self.clip / (norm + 1e-6))
+        g_ref = [mq.grad.clone().mul_(scale) for mq in ropt.masters]  # as ropt.step does
+        before = [(mq.detach().clone(), ropt.opt.state[mq]["exp_avg"].clone(),
+                   ropt.opt.state[mq]["exp_avg_sq"].clone()) for mq in ropt.masters]
+        ropt.step(grad_scale=scale)
+        if self.clip is None:
+            assert_within_roundings(to_buffer(ddp, g_ref), exact, bound, dtype=torch.float32,
+                                    name="reference gradient")
+        for q, mq, b, g in zip(self.ref.parameters(), ropt.masters, before, g_ref):
+            st = ropt.opt.state[mq]
+            check_adamw_step((mq.detach(), st["exp_avg"], st["exp_avg_sq"]), b, g,
+                             step=int(st["step"].item()), name="MixedPrecisionAdamW", **self.hp)
+            assert torch.equal(q, mq.detach().to(q.dtype))
+        res, g = self.zero(f"ZeRO {ddp.param_dtype}")
+        idx = self.zero.idx
+        assert_within_roundings(g, exact[idx], bound[idx], dtype=torch.float32,
+                                name=f"ZeRO {ddp.param_dtype} gradient (dp={dp}, micro={micro})")
+        self.zero.check_norm(res.grad_norm, g, exact)
+        return res
+

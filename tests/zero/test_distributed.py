@@ -19,9 +19,10 @@ from torch import nn
 
 from haillm.zero import DynamicLossScaler, Zero1AdamW, ZeroDataParallel, weight_decay_groups
 from haillm.zero.memory import measured_bytes
-from haillm.zero.reference import MixedPrecisionAdamW, naive_zero1_step
+from haillm.zero.reference import naive_zero1_step
 from tests.helpers import assert_within_roundings, norm_rtol, run_distributed, sum_rounding
 from tests.zero.lockstep import (
+    MixedPrecisionLockstep,
     TorchAdamWLockstep,
     ZeroStep,
     check_adamw_step,
@@ -95,61 +96,15 @@ def case_fp32_equals_torch_adamw(bucket_mb, overlap, rs_impl, clip, micro=3, ste
     return ddp, opt
 
 
-def _sync_mixed_precision(ddp, opt, ref, ropt):
-    """The MixedPrecisionAdamW reference := the ZeRO run's bf16 parameters, masters, m, v."""
-    full = opt.full_state_dict()
-    with torch.no_grad():
-        for (n, p), q, mq in zip(ddp.module.named_parameters(), ref.parameters(), ropt.masters):
-            q.copy_(p)
-            mq.copy_(full["master"][n])
-            ropt.opt.state[mq] = {"step": torch.tensor(float(full["num_steps"])),
-                                  "exp_avg": full["exp_avg"][n].clone(),
-                                  "exp_avg_sq": full["exp_avg_sq"][n].clone()}
-
-
-def case_bf16_equals_mixed_precision_reference(micro=2, steps=3):
+def case_bf16_equals_mixed_precision_reference(micro=2, steps=3, clip=None):
     """bf16 parameters, fp32 masters/grads, against MixedPrecisionAdamW from the same state
-    each step: both backward passes compute the same bf16 partial gradients (the same
-    parameters and micro-batches), which the two runs only add in other orders: the fp32 sum
-    of dp x micro terms, |g - Sigma| <= sum_rounding(dp x micro) eps Sigma|terms|; then the
-    masters, m, v to `adamw_exact`, the bf16 parameters the rounded masters bit for bit."""
-    dp, r = ddp_world()
+    each step (`MixedPrecisionLockstep`: the same bf16 partial gradients added in other orders,
+    each step to `adamw_exact`, the bf16 parameters the rounded masters bit for bit)."""
     ddp = ZeroDataParallel(make_model(torch.bfloat16), bucket_mb=200 * 4 / 2**20)
-    opt = Zero1AdamW(ddp, lr=1e-2, weight_decay=0.01, precision="bf16")
-    zero_step = ZeroStep(ddp, opt)
-    ref = same_layout_(make_model(torch.bfloat16), ddp)
-    ropt = MixedPrecisionAdamW(ref, lr=1e-2, weight_decay=0.01)
-    hp = dict(lr=1e-2, beta1=0.9, beta2=0.999, eps=1e-8, weight_decay=0.01)
-    for step in range(steps):
-        data = batches(step, dp, micro, dtype=torch.bfloat16)
-        _sync_mixed_precision(ddp, opt, ref, ropt)
-        for k, (x, y) in enumerate(data[r]):
-            ddp.set_grad_sync(k == micro - 1)
-            (loss_fn(ddp(x), y) / micro).backward()
-        partials = []
-        for rank in data:
-            for x, y in rank:
-                (loss_fn(ref(x), y) / micro).backward()
-                partials.append(to_buffer(ddp, [q.grad for q in ref.parameters()]))
-                ropt.accumulate()
-        exact = torch.stack(partials).sum(0) / dp
-        bound = sum_rounding(dp * micro) * torch.stack(partials).abs().sum(0) / dp
-        before = [(mq.detach().clone(), ropt.opt.state[mq]["exp_avg"].clone(),
-                   ropt.opt.state[mq]["exp_avg_sq"].clone()) for mq in ropt.masters]
-        g_ref = [mq.grad.clone().mul_(1.0 / dp) for mq in ropt.masters]  # as ropt.step does
-        ropt.step(grad_scale=1.0 / dp)
-        assert_within_roundings(to_buffer(ddp, g_ref), exact, bound, dtype=torch.float32,
-                                name="reference gradient")
-        for q, mq, b, g in zip(ref.parameters(), ropt.masters, before, g_ref):
-            st = ropt.opt.state[mq]
-            check_adamw_step((mq.detach(), st["exp_avg"], st["exp_avg_sq"]), b, g, step=step + 1,
-                             name="MixedPrecisionAdamW", **hp)
-            assert torch.equal(q, mq.detach().to(q.dtype))
-        _, g = zero_step("ZeRO bf16")
-        idx = zero_step.idx
-        assert_within_roundings(g, exact[idx], bound[idx], dtype=torch.float32,
-                                name=f"ZeRO bf16 gradient (dp={dp})")
-        opt.zero_grad()
+    opt = Zero1AdamW(ddp, lr=1e-2, weight_decay=0.01, precision="bf16", max_grad_norm=clip)
+    check = MixedPrecisionLockstep(ddp, opt, make_model(torch.bfloat16), loss_fn, clip,
+                                   lr=1e-2, weight_decay=0.01)
+    train_zero(ddp, opt, steps, micro, torch.bfloat16, lockstep=check)
 
 
 def case_optimizer_bytes(ddp, opt):
@@ -395,6 +350,7 @@ def all_cases(world, seed=0):
     case_optimizer_bytes(ddp, opt)
     case_state_dict_roundtrip(ddp, opt)
     case_bf16_equals_mixed_precision_reference()
+    case_bf16_equals_mixed_precision_reference(clip=0.05)
     case_overlap_event_order()
     case_loss_scaler_skips_on_inf()
     case_norm_over_model_parallel_group()

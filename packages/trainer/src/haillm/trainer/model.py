@@ -85,8 +85,9 @@ def rope_cache(seq_len: int, head_dim: int, theta: float, device=None, *, start:
 
 
 def apply_rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
-    """Rotate `x` (B, S, H, D) by the position angles; computed in fp32, returned in x.dtype."""
-    xf = x.float()
+    """Rotate `x` (B, S, H, D) by the position angles; computed in fp32 (fp64 for an fp64
+    model), returned in x.dtype."""
+    xf = x.to(torch.promote_types(x.dtype, torch.float32))
     x1, x2 = xf.chunk(2, dim=-1)
     rotated = torch.cat([-x2, x1], dim=-1)
     cos, sin = cos[None, :, None, :], sin[None, :, None, :]  # (1, S, 1, D)
@@ -356,8 +357,11 @@ class DeepSeekLM(nn.Module):
 
     def loss(self, logits: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
         """Mean cross-entropy of logits (B, S, V[/tp]) against targets (B, S), in fp32 (the
-        plain one, the in-place one, or the vocab-parallel one: `parallelize` chooses)."""
-        return self.cross_entropy(logits.flatten(0, 1), targets.flatten())
+        plain one, the in-place one, or the vocab-parallel one: `parallelize` chooses); the
+        plain one in fp64 for an fp64 model (`.double()`, for checking against the maths)."""
+        kw = {"dtype": torch.float64} if (logits.dtype == torch.float64 and
+                                          self.cross_entropy is cross_entropy_reference) else {}
+        return self.cross_entropy(logits.flatten(0, 1), targets.flatten(), **kw)
 
     # ---------------------------------------------------------------- generation
     @torch.no_grad()
