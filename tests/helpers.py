@@ -28,7 +28,7 @@ the magnitude of what it rounds, sums by `sum_rounding`, row conditioning includ
 | `cross_entropy_roundings`   | cross-entropy with label smoothing, z-loss, reductions       |
 | `swiglu_roundings`          | silu(x Wg^T) * (x Wu^T), dx, dW                              |
 | `linear_residual_roundings` | x W^T + r, dx, dW, dr                                        |
-| `norm_rtol(n)`              | two fp32 2-norms of the same n values, summed in two orders  |
+| `norm_rtol(n, dtype)`       | two 2-norms of the same n values, summed in two orders       |
 | `adamw_exact`               | one fp32 AdamW step against its exact (fp64) result           |
 | `gemm_magnitudes`           | Sigma|terms| of the fused GEMMs' outputs, for the rule in fp16/bf16 |
 
@@ -116,13 +116,14 @@ def sum_rounding(n: int) -> float:
     return min((n - 1) / 2, 4 * math.sqrt(n))
 
 
-def norm_rtol(n: int) -> float:
-    """Relative difference of two fp32 2-norms of the same n values, summed in any two orders:
-    each side's Sigma g^2 is off by sum_rounding(n) eps + u (the squares) of itself (all terms
-    are positive: no cancellation), which the square root halves, plus u for the square root
-    and up to 2u where a norm is formed per tensor and squared again: (sum_rounding(n) + 3)
-    eps for the two together (the values themselves must be the same bits)."""
-    return (sum_rounding(n) + 3) * torch.finfo(torch.float32).eps
+def norm_rtol(n: int, dtype: torch.dtype = torch.float32) -> float:
+    """Relative difference of two 2-norms of the same n values, each accumulated in `dtype`
+    in any order: each side's Sigma g^2 is off by sum_rounding(n) eps + u (the squares) of
+    itself (all terms are positive: no cancellation), which the square root halves, plus u for
+    the square root and up to 2u where a norm is formed per tensor and squared again:
+    (sum_rounding(n) + 3) eps(dtype) for the two together (the values themselves must be the
+    same bits; fp32 values squared in float64 are even exact)."""
+    return (sum_rounding(n) + 3) * torch.finfo(dtype).eps
 
 
 def _normalised(err: torch.Tensor, magnitude: torch.Tensor) -> torch.Tensor:

@@ -8,7 +8,7 @@ import torch
 from torch import nn
 
 from haillm.zero import Zero1AdamW, ZeroDataParallel
-from tests.helpers import run_distributed
+from tests.helpers import norm_rtol, run_distributed
 from tests.zero.lockstep import MixedPrecisionLockstep
 
 
@@ -78,7 +78,8 @@ def _fp64_norm_both_modes(device="cuda"):
         for n, t in grads.items():
             ddp.main_grad_of(n).copy_(t)
         norm, found_inf = opt.grad_norm_and_found_inf()
-        assert not found_inf and abs(norm - ref) <= 1e-12 * ref, (shard, norm, ref)
+        rtol = norm_rtol(sum(t.numel() for t in grads.values()), torch.float64)  # the same values, two orders
+        assert not found_inf and abs(norm - ref) <= rtol * ref, (shard, norm, ref)
     return True
 
 
