@@ -71,6 +71,7 @@ def test_1f1b_and_gpipe_bubble_formula(p, m, cost):
     want = (p - 1) / (m + p - 1)
     for kind in ("gpipe", "1f1b"):
         tl = simulate(_all(kind, p, m), forward_time=cost[0], backward_time=cost[1])
+        # (event times are float sums of at most 2 (m + p) durations: ~1e-14 of rounding)
         assert tl.bubble_fraction == pytest.approx(want, abs=1e-12)
         assert tl.makespan == pytest.approx((m + p - 1) * (cost[0] + cost[1]))
 
