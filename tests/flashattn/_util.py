@@ -80,3 +80,30 @@ def attention_magnitudes(q, k, v, do, causal, scale):
 # are one softmax and one product away from the inputs (scores -> P -> P V); dQ and dK two more
 # (dP and D -> dS -> dS K).
 ROUNDINGS = {"out": 2, "dq": 4, "dk": 4, "dv": 2}
+
+
+def assert_attention_rule(got, q, k, v, do, causal, scale, names=("out", "dq", "dk", "dv")):
+    """The low-precision rule for an attention kernel's (out, dq, dk, dv) `got` (any subset, in
+    `names` order): against the fp64 truth of the same rounded inputs, with ONE named baseline,
+    the textbook formula in the inputs' precision (`attention_reference(upcast=False)`), errors
+    relative to each element's Sigma|terms| (`attention_magnitudes`), plus the floor of the
+    chain's roundings and of the kernel's fp32 accumulation of its sums (score dot over d, then
+    over the keys or the queries): a cancelling sum such as dK at seqlen_k = 1 (exactly 0:
+    dS = P (dP - D) = 0) is held to the rounding its terms allow, not to an absolute 1e-5."""
+    from haillm.flashattn import attention_reference
+    from tests.helpers import assert_lowp_close
+
+    f64 = lambda t: t.double()
+    truth = fwd_bwd(lambda q, k, v: attention_reference(f64(q), f64(k), f64(v), causal=causal,
+                                                        softmax_scale=scale), q, k, v, f64(do))
+    plain = fwd_bwd(lambda q, k, v: attention_reference(q, k, v, causal=causal,
+                                                        softmax_scale=scale, upcast=False),
+                    q, k, v, do)
+    mags = attention_magnitudes(q, k, v, do, causal, scale)
+    every = ("out", "dq", "dk", "dv")
+    sq, sk, d = q.shape[1], k.shape[1], q.shape[-1]
+    for name, a in zip(names, got):
+        i = every.index(name)
+        assert_lowp_close(a, plain[i], truth[i], magnitude=mags[i], roundings=ROUNDINGS[name],
+                          reduction=sk + sq + d, name=name)
+

@@ -10,7 +10,7 @@ from hypothesis import example, given
 from hypothesis import strategies as st
 
 from haillm.flashattn import attention_reference, flash_attention, flash_attention_varlen
-from tests.flashattn._util import ROUNDINGS, attention_magnitudes, fwd_bwd, make_qkv
+from tests.flashattn._util import assert_attention_rule, fwd_bwd, make_qkv
 from tests.helpers import assert_close, assert_lowp_close
 
 DEV = "cuda" if torch.cuda.is_available() else "cpu"
@@ -18,28 +18,14 @@ DEV = "cuda" if torch.cuda.is_available() else "cpu"
 
 def _check(b, sq, sk, h, hk, d, causal, scale, dtype, seed, device=DEV):
     q, k, v, do = make_qkv(b, sq, sk, h, hk, d, dtype=dtype, seed=seed, device=device)
-    f64 = lambda t: t.double()
-    truth = fwd_bwd(lambda q, k, v: attention_reference(f64(q), f64(k), f64(v), causal=causal,
-                                                        softmax_scale=scale), q, k, v, f64(do))
     got = fwd_bwd(lambda q, k, v: flash_attention(q, k, v, causal=causal, softmax_scale=scale,
                                                   impl="triton"), q, k, v, do)
-    names = ("out", "dq", "dk", "dv")
-    for name, a in zip(names, got):
+    for name, a in zip(("out", "dq", "dk", "dv"), got):
         assert a.dtype == dtype and torch.isfinite(a).all(), name
     # The low-precision rule against ONE named baseline, the textbook formula in the kernel's
-    # precision (fp32 included: the kernel reorders every reduction), errors relative to each
-    # element's magnitude (Sigma |terms|), plus a floor of the chain's roundings of it: dK is a
-    # cancelling sum that is exactly 0 when seqlen_k = 1 (dS = P (dP - D) = 0), where the
-    # textbook backward is exact by luck but FA-2's D = rowsum(dO O) is summed in another order;
-    # and the fp32 accumulation of the chain's sums (score dot over d, then over the keys or
-    # the queries) in the kernel's order, which a lucky baseline does not show.
-    plain = fwd_bwd(lambda q, k, v: attention_reference(q, k, v, causal=causal,
-                                                        softmax_scale=scale, upcast=False),
-                    q, k, v, do)
-    mags = attention_magnitudes(q, k, v, do, causal, scale)
-    for name, a, p, t, m in zip(names, got, plain, truth, mags):
-        assert_lowp_close(a, p, t, magnitude=m, roundings=ROUNDINGS[name],
-                          reduction=sk + sq + d, name=name)
+    # precision (fp32 included: the kernel reorders every reduction); see
+    # `assert_attention_rule` (dK at seqlen_k = 1 is a cancelling sum that is exactly 0).
+    assert_attention_rule(got, q, k, v, do, causal, scale)
 
 
 @given(b=st.integers(1, 2), sq=st.integers(1, 40), sk=st.integers(1, 40), hk=st.integers(1, 2),
@@ -89,10 +75,8 @@ def test_triton_varlen_equals_per_sequence():
 def test_triton_noncontiguous_inputs():
     q, k, v, do = make_qkv(2, 20, 20, 2, 2, 16, dtype=torch.float32, seed=10, device=DEV)
     qt = q.transpose(1, 2).contiguous().transpose(1, 2)  # (B, S, H, D) view with odd strides
-    ref = fwd_bwd(lambda q, k, v: attention_reference(q, k, v), q, k, v, do)
     got = fwd_bwd(lambda q, k, v: flash_attention(q, k, v, impl="triton"), qt, k, v, do)
-    for a, e in zip(got, ref):
-        assert_close(a, e)
+    assert_attention_rule(got, q, k, v, do, False, None)
 
 
 @pytest.mark.parametrize("d", [59, 111, 160, 192, 224, 256])
