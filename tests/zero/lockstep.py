@@ -92,6 +92,21 @@ def same_layout_(module, ddp):
     return module
 
 
+def mean_and_bound(partials: torch.Tensor, dp: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """(n, numel) partial gradients -> their exact sum / dp and the bound, in units of eps32,
+    of any fp32 order of that sum: sum_rounding(n) Sigma |partials| / dp (the 1/dp of a power
+    of two is exact)."""
+    n = partials.shape[0]
+    return partials.sum(0) / dp, sum_rounding(n) * partials.abs().sum(0) / dp
+
+
+def adamw_state(full: dict, name: str) -> dict:
+    """torch.optim.AdamW's state of parameter `name` from a Zero1AdamW `full_state_dict`."""
+    return {"step": torch.tensor(float(full["num_steps"])),
+            "exp_avg": full["exp_avg"][name].clone(),
+            "exp_avg_sq": full["exp_avg_sq"][name].clone()}
+
+
 def _all_reduce(t: torch.Tensor, ddp) -> torch.Tensor:
     if ddp.shard and ddp.dp > 1:
         dist.all_reduce(t, group=ddp.dp_group)
@@ -166,10 +181,7 @@ class TorchAdamWLockstep:
         with torch.no_grad():
             for n in self.names:
                 mine[n].copy_(full["master"][n])
-                self.ropt.state[mine[n]] = {
-                    "step": torch.tensor(float(full["num_steps"])),
-                    "exp_avg": full["exp_avg"][n].clone(),
-                    "exp_avg_sq": full["exp_avg_sq"][n].clone()}
+                self.ropt.state[mine[n]] = adamw_state(full, n)
 
     def step(self, data):
         """After the ZeRO run's micro-batches of this step (`data`: [rank][micro] of (x, y)):
@@ -184,8 +196,7 @@ class TorchAdamWLockstep:
             local.append([p.grad for p in params])
             for p in params:
                 p.grad = None
-        stacked = torch.stack([to_buffer(ddp, g) for g in local])
-        exact, bound = stacked.sum(0) / dp, sum_rounding(dp) * stacked.abs().sum(0) / dp
+        exact, bound = mean_and_bound(torch.stack([to_buffer(ddp, g) for g in local]), dp)
         res, g = self.zero()
         assert_within_roundings(g, exact[idx], bound[idx], dtype=torch.float32,
                                 name=f"ZeRO gradient (dp={ddp.dp}, micro={len(data[0])})")
@@ -240,9 +251,7 @@ class MixedPrecisionLockstep:
                                      self.ropt.masters):
                 q.copy_(p)
                 mq.copy_(full["master"][n])
-                self.ropt.opt.state[mq] = {"step": torch.tensor(float(full["num_steps"])),
-                                           "exp_avg": full["exp_avg"][n].clone(),
-                                           "exp_avg_sq": full["exp_avg_sq"][n].clone()}
+                self.ropt.opt.state[mq] = adamw_state(full, n)
 
     def step(self, data):
         """After the ZeRO run's micro-batches (`data`: [rank][micro] of (x, y)): the reference
@@ -255,9 +264,7 @@ class MixedPrecisionLockstep:
                 (self.loss_fn(self.ref(x), y) / micro).backward()
                 partials.append(to_buffer(ddp, [q.grad for q in self.ref.parameters()]))
                 ropt.accumulate()
-        stacked = torch.stack(partials)
-        exact = stacked.sum(0) / dp
-        bound = sum_rounding(dp * micro) * stacked.abs().sum(0) / dp
+        exact, bound = mean_and_bound(torch.stack(partials), dp)
         scale = 1.0 / dp
         if self.clip is not None:  # the reference's own norm of its averaged fp32 gradient
             norm = torch.linalg.vector_norm(torch.stack(
